@@ -1,0 +1,237 @@
+"""The VICReg Keras model: training, metrics, serialization, XLA, mixed precision, bad input."""
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vicreg_tf import LARS, StopOnNonFiniteLoss, VICReg
+from vicreg_tf.backbones import small_cnn
+
+METRICS = {"loss", "invariance", "variance", "covariance", "embedding_std"}
+
+
+def _mlp(input_dim=16, width=32, name=None):
+    inputs = keras.Input((input_dim,))
+    x = keras.layers.Dense(width)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    return keras.Model(inputs, x, name=name)
+
+
+def _cluster_views(n=256, dim=16, clusters=8, noise=0.3, seed=0):
+    """Points around a few cluster centres; the two views are independent noisy copies."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)) * 2.0
+    base = centres[rng.integers(clusters, size=n)]
+    view = lambda: (base + noise * rng.normal(size=base.shape)).astype(np.float32)
+    return view(), view()
+
+
+def _dataset(views, batch_size=32):
+    return tf.data.Dataset.from_tensor_slices(views).batch(batch_size, drop_remainder=True)
+
+
+def test_call_returns_backbone_features():
+    backbone = _mlp()
+    model = VICReg(backbone, projector="64-64-48")
+    x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+    np.testing.assert_allclose(model(x).numpy(), backbone(x, training=False).numpy())
+    assert model.predict(x, verbose=0).shape == (5, 32)
+
+
+def test_projector_is_built_from_the_spec():
+    model = VICReg(_mlp(), projector="64-64-48")
+    assert model.projector.built
+    dense = [l for l in model.projector.layers if isinstance(l, keras.layers.Dense)]
+    assert [l.units for l in dense] == [64, 64, 48]
+    assert not dense[-1].use_bias  # last layer linear, no bias, as in the paper
+
+
+def test_short_fit_lowers_loss_and_keeps_std_away_from_zero():
+    keras.utils.set_random_seed(0)
+    model = VICReg(_mlp(), projector="64-64-64")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(_dataset(_cluster_views()), epochs=15, verbose=0).history
+    assert set(history) == METRICS
+    assert history["loss"][-1] < 0.85 * history["loss"][0]
+    assert history["embedding_std"][-1] > 0.3
+    assert all(math.isfinite(v) for v in history["loss"])
+
+
+def test_test_step_reports_metrics_without_updating_weights():
+    model = VICReg(_mlp(), projector="32-32")
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    before = [w.copy() for w in model.get_weights()]
+    results = model.evaluate(_dataset(_cluster_views(64)), verbose=0, return_dict=True)
+    assert set(results) == METRICS and all(math.isfinite(v) for v in results.values())
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_get_config_records_the_values_passed():
+    model = VICReg(
+        _mlp(), projector="40-20", invariance_weight=10.0, variance_weight=5.0,
+        covariance_weight=2.0, gamma=0.5, eps=1e-3, sync_batchnorm=False,
+    )
+    config = model.get_config()
+    assert config["projector"] == "40-20"
+    assert (config["invariance_weight"], config["variance_weight"], config["covariance_weight"]) == (10.0, 5.0, 2.0)
+    assert (config["gamma"], config["eps"], config["sync_batchnorm"]) == (0.5, 1e-3, False)
+    clone = VICReg.from_config(config)
+    assert clone.projector_spec == "40-20" and clone.gamma == 0.5
+
+
+def test_keras_round_trip_gives_identical_embeddings_and_resumes(tmp_path):
+    keras.utils.set_random_seed(1)
+    model = VICReg(small_cnn((12, 12, 1), widths=(4, 8)), projector="32-32-16", variance_weight=20.0)
+    model.compile(optimizer=LARS(learning_rate=0.05, weight_decay=1e-4))
+    images = np.random.default_rng(2).uniform(size=(32, 12, 12, 1)).astype(np.float32)
+    dataset = _dataset((images, images[:, :, ::-1]), batch_size=16)
+    model.fit(dataset, epochs=1, verbose=0)
+    path = tmp_path / "vicreg.keras"
+    model.save(path)
+
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, VICReg) and loaded.variance_weight == 20.0
+    np.testing.assert_array_equal(loaded(images).numpy(), model(images).numpy())
+    np.testing.assert_array_equal(
+        loaded.projector(loaded(images)).numpy(), model.projector(model(images)).numpy()
+    )
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 2
+    # The optimizer state came back too: one more step is the same on both.
+    model.fit(dataset.take(1), epochs=1, verbose=0)
+    loaded.fit(dataset.take(1), epochs=1, verbose=0)
+    assert int(loaded.optimizer.iterations) == 3
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_backbone_batchnorm_is_synchronized():
+    model = VICReg(_mlp(), projector="16-16")
+    bns = [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bns and all(l.synchronized for l in bns)
+
+
+def test_jit_compile_step_matches_eager_graph_step():
+    views = _cluster_views(64)
+    keras.utils.set_random_seed(3)
+    initial = VICReg(_mlp(), projector="32-32").get_weights()
+    results = []
+    for jit in (False, True):
+        model = VICReg(_mlp(), projector="32-32")
+        model.set_weights(initial)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit)
+        model.fit(_dataset(views), epochs=1, verbose=0)
+        results.append(model.get_weights())
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_mixed_bfloat16_trains_with_float32_loss():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    model = VICReg(_mlp(), projector="32-32")
+    assert model.projector.layers[0].compute_dtype == "bfloat16"
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(_dataset(_cluster_views(64)), epochs=2, verbose=0).history
+    assert all(math.isfinite(v) for v in history["loss"])
+    views = [tf.constant(v[:8]) for v in _cluster_views(8)]
+    terms = model.compute_vicreg_terms(tuple(views))
+    assert terms["loss"].dtype == tf.float32
+    assert model.trainable_variables[0].dtype == "float32"
+
+
+def test_heterogeneous_pair_with_a_second_backbone(tmp_path):
+    rng = np.random.default_rng(4)
+    a = rng.normal(size=(64, 16)).astype(np.float32)
+    b = np.concatenate([a, a], axis=1)[:, :24] + 0.1 * rng.normal(size=(64, 24)).astype(np.float32)
+    model = VICReg(_mlp(16), projector="32-16", second_backbone=_mlp(24, width=20))
+    assert model.second_projector is not model.projector
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    history = model.fit(_dataset((a, b)), epochs=2, verbose=0).history
+    assert all(math.isfinite(v) for v in history["loss"])
+    model.save(tmp_path / "hetero.keras")
+    loaded = keras.saving.load_model(tmp_path / "hetero.keras")
+    np.testing.assert_array_equal(loaded.second_backbone(b[:4]).numpy(), model.second_backbone(b[:4]).numpy())
+
+
+def test_labels_after_the_views_are_ignored():
+    views = _cluster_views(64)
+    labels = np.zeros(64, np.int32)
+    model = VICReg(_mlp(), projector="32-32")
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    dataset = tf.data.Dataset.from_tensor_slices((views, labels)).batch(32)
+    history = model.fit(dataset, epochs=1, verbose=0).history
+    assert set(history) == METRICS
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def _compiled(**kwargs):
+    model = VICReg(_mlp(), projector="32-32")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), **kwargs)
+    return model
+
+
+def test_batch_of_one_pair_raises():
+    views = _cluster_views(1)
+    with pytest.raises(ValueError, match="batch of 1"):
+        _compiled().fit(_dataset(views, batch_size=1), verbose=0)
+
+
+def test_views_of_different_batch_sizes_raise():
+    a, b = _cluster_views(32)
+    dataset = tf.data.Dataset.from_tensors((a, b[:16]))
+    with pytest.raises(ValueError, match=r"same batch size.*\(32, 16\).*\(16, 16\)"):
+        _compiled().fit(dataset, verbose=0)
+
+
+def test_views_of_different_shapes_raise():
+    model = VICReg(small_cnn((8, 8, 1), widths=(4,)), projector="16-16")
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    dataset = tf.data.Dataset.from_tensors((np.zeros((4, 8, 8, 1), np.float32), np.zeros((4, 9, 9, 1), np.float32)))
+    with pytest.raises(ValueError, match=r"same shape.*\(4, 8, 8, 1\).*\(4, 9, 9, 1\)"):
+        model.fit(dataset, verbose=0)
+
+
+def test_a_single_tensor_instead_of_two_views_raises():
+    dataset = tf.data.Dataset.from_tensors(np.zeros((3, 4, 16), np.float32))
+    with pytest.raises(ValueError, match="two views"):
+        _compiled().fit(dataset, verbose=0)
+
+
+@pytest.mark.parametrize("spec", ["8192-x-8192", "", "64--64", "-5", "0-8"])
+def test_projector_spec_that_does_not_parse_raises(spec):
+    with pytest.raises(ValueError, match=f"projector spec {spec!r} does not parse"):
+        VICReg(_mlp(), projector=spec)
+
+
+def test_projector_of_wrong_type_raises():
+    with pytest.raises(TypeError, match="spec string"):
+        VICReg(_mlp(), projector=[8192, 8192])
+
+
+def _nan_views():
+    a, b = _cluster_views(64)
+    a[5, 3] = np.nan
+    return a, b
+
+
+def test_non_finite_loss_stops_fit_with_a_clear_message():
+    model = _compiled()
+    before = [w.numpy() for w in model.trainable_weights]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="VICReg loss is not finite"):
+        model.fit(_dataset(_nan_views()), epochs=1, verbose=0)
+    # The bad step's gradient was never applied. (BatchNorm moving statistics are
+    # updated in the forward pass and may hold the NaN: resume from a checkpoint.)
+    for a, b in zip(before, model.trainable_weights):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_non_finite_loss_under_xla_stops_fit_and_keeps_weights_finite():
+    model = _compiled(jit_compile=True)
+    with pytest.raises(FloatingPointError, match="VICReg loss is not finite"):
+        model.fit(_dataset(_nan_views()), epochs=1, verbose=0, callbacks=[StopOnNonFiniteLoss()])
+    assert all(np.all(np.isfinite(w)) for w in model.trainable_weights)

@@ -1,0 +1,290 @@
+"""The VICReg Keras model: backbone + expander, trained with the VICReg loss in `train_step`."""
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+from vicreg_tf.distribute import gather_replicas, num_replicas
+from vicreg_tf.losses import vicreg_loss
+from vicreg_tf.projector import build_projector
+
+_METRIC_NAMES = ("loss", "invariance", "variance", "covariance", "embedding_std")
+_NON_FINITE_MESSAGE = (
+    "VICReg loss is not finite (NaN or Inf); stopping instead of training on it. "
+    "Usual causes: a learning rate too high for the batch size, inputs with NaN, "
+    "or float16 without loss scaling."
+)
+
+
+def _feature_shape(backbone) -> tuple | None:
+    """The backbone's output shape when it is known without data (functional models)."""
+    try:
+        shape = tuple(backbone.output.shape)
+    except (AttributeError, ValueError):
+        return None
+    return shape if len(shape) == 2 and shape[-1] is not None else None
+
+
+def synchronize_batchnorm(model: keras.layers.Layer) -> None:
+    """Makes every BatchNormalization in `model` compute its batch statistics over all replicas.
+
+    Keras reads `synchronized` at call time, so this converts a built model in
+    place; inference (moving statistics) is unchanged.
+    """
+    for layer in model._flatten_layers(include_self=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+
+
+def _embedding_std(z: tf.Tensor) -> tf.Tensor:
+    """Mean over dimensions of the per-dimension std: 0 means collapse."""
+    return tf.reduce_mean(tf.math.reduce_std(tf.stop_gradient(z), axis=0))
+
+
+@keras.saving.register_keras_serializable(package="vicreg_tf")
+class VICReg(keras.Model):
+    """VICReg: a backbone and an expander trained on pairs of views with the VICReg loss.
+
+    `call(x)` returns the backbone's features, so `predict` and export give
+    representations. `fit` takes a dataset of `(view_a, view_b)` batches
+    (or `((view_a, view_b), labels)`, labels ignored). Under any
+    `tf.distribute` strategy the embeddings are all-gathered across replicas
+    before the loss, so variance and covariance see the global batch, and the
+    loss is divided by the number of replicas before the gradient (Keras sums
+    gradients across replicas); the reported metrics are the unscaled values.
+
+    Args:
+        backbone: a Keras model from inputs to a feature vector (N, F).
+        projector: an expander spec such as "8192-8192-8192" (Dense-BN-ReLU
+            blocks, last layer linear) or a Keras model from (N, F) to (N, D).
+        second_backbone: optional encoder for view b (heterogeneous pairs, e.g.
+            two modalities); VICReg does not need shared weights. It gets its
+            own expander, built from the same spec (or cloned from `projector`).
+        invariance_weight, variance_weight, covariance_weight: the loss
+            coefficients lambda, mu, nu (paper: 25, 25, 1).
+        gamma: target std per embedding dimension.
+        eps: numerical stabiliser inside the square root of the variance term.
+        sync_batchnorm: make every BatchNormalization of the backbone(s)
+            synchronized across replicas, like the official code's
+            `convert_sync_batchnorm` (the expander's always is).
+        **kwargs: passed to `keras.Model` (e.g. `name`).
+
+    Example:
+    >>> backbone = vicreg_tf.backbones.small_cnn((28, 28, 1))
+    >>> model = VICReg(backbone, projector="512-512-512")
+    >>> model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    >>> model.fit(vicreg_tf.data.view_pairs(source, views, batch_size=256), epochs=1)
+    """
+
+    def __init__(
+        self,
+        backbone: keras.Model,
+        projector="8192-8192-8192",
+        *,
+        second_backbone: keras.Model | None = None,
+        invariance_weight: float = 25.0,
+        variance_weight: float = 25.0,
+        covariance_weight: float = 1.0,
+        gamma: float = 1.0,
+        eps: float = 1e-4,
+        sync_batchnorm: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(backbone, keras.layers.Layer):
+            raise TypeError(f"backbone must be a Keras model or layer, got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.projector_spec = projector if isinstance(projector, str) else None
+        self.projector = self._make_projector(projector, name="expander")
+        self.second_backbone = second_backbone
+        self.second_projector = None
+        if second_backbone is not None:
+            self.second_projector = self._make_projector(projector, name="expander_b", clone=True)
+        self.invariance_weight = float(invariance_weight)
+        self.variance_weight = float(variance_weight)
+        self.covariance_weight = float(covariance_weight)
+        self.gamma = float(gamma)
+        self.eps = float(eps)
+        self.sync_batchnorm = bool(sync_batchnorm)
+        if self.sync_batchnorm:
+            for encoder in (backbone, second_backbone):
+                if encoder is not None:
+                    synchronize_batchnorm(encoder)
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.invariance_tracker = keras.metrics.Mean(name="invariance")
+        self.variance_tracker = keras.metrics.Mean(name="variance")
+        self.covariance_tracker = keras.metrics.Mean(name="covariance")
+        self.embedding_std_tracker = keras.metrics.Mean(name="embedding_std")
+        self._build_expanders_from_backbones()
+
+    @staticmethod
+    def _make_projector(projector, *, name: str, clone: bool = False) -> keras.layers.Layer:
+        if isinstance(projector, str):
+            return build_projector(projector, name=name)
+        if isinstance(projector, keras.layers.Layer):
+            return keras.models.clone_model(projector) if clone else projector
+        raise TypeError(
+            "projector must be a spec string like '8192-8192-8192' or a Keras model, "
+            f"got {type(projector).__name__}"
+        )
+
+    def _build_expanders_from_backbones(self) -> None:
+        # Building now (not on the first batch) lets Keras create every variable,
+        # optimizer slots included, before tracing, and lets .keras files reload.
+        pairs = [(self.backbone, self.projector)]
+        if self.second_backbone is not None:
+            pairs.append((self.second_backbone, self.second_projector))
+        for backbone, projector in pairs:
+            shape = _feature_shape(backbone)
+            if shape is not None and not projector.built:
+                projector.build(shape)
+        # Keras reloads optimizer slots from a .keras file only into a built model.
+        self.built = all(layer.built for backbone_projector in pairs for layer in backbone_projector)
+
+    def build(self, input_shape):
+        if not self.backbone.built:
+            self.backbone.build(input_shape)
+        if not self.projector.built:
+            features = self.backbone.compute_output_spec(keras.KerasTensor(input_shape))
+            self.projector.build(features.shape)
+        self.built = True
+
+    def call(self, inputs, training=False):
+        return self.backbone(inputs, training=training)
+
+    @property
+    def metrics(self):
+        return [
+            self.loss_tracker,
+            self.invariance_tracker,
+            self.variance_tracker,
+            self.covariance_tracker,
+            self.embedding_std_tracker,
+        ]
+
+    # -- the step ------------------------------------------------------------
+
+    def _unpack_views(self, data):
+        if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (tuple, list)):
+            data = data[0]  # ((view_a, view_b), labels): labels are not used by VICReg
+        if not (isinstance(data, (tuple, list)) and len(data) == 2):
+            received = type(data).__name__ + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
+            raise ValueError(
+                f"VICReg expects batches of two views (view_a, view_b), got a {received}; "
+                "build the dataset with vicreg_tf.data.view_pairs or map images to two views"
+            )
+        view_a, view_b = data
+        a_shape, b_shape = tuple(view_a.shape), tuple(view_b.shape)
+        if a_shape[0] is not None and b_shape[0] is not None and a_shape[0] != b_shape[0]:
+            raise ValueError(
+                f"the two views must have the same batch size, got view_a {a_shape} and view_b {b_shape}"
+            )
+        if self.second_backbone is None and a_shape[1:] != b_shape[1:]:
+            raise ValueError(
+                "with one shared backbone both views must have the same shape, got "
+                f"view_a {a_shape} and view_b {b_shape}"
+            )
+        return view_a, view_b
+
+    def _embed(self, view_a, view_b, training: bool):
+        second_backbone = self.second_backbone or self.backbone
+        second_projector = self.second_projector or self.projector
+        z_a = self.projector(self.backbone(view_a, training=training), training=training)
+        z_b = second_projector(second_backbone(view_b, training=training), training=training)
+        return z_a, z_b
+
+    def compute_vicreg_terms(self, data, training: bool = False) -> dict[str, tf.Tensor]:
+        """Loss terms of one batch of view pairs, on embeddings gathered from all replicas."""
+        view_a, view_b = self._unpack_views(data)
+        z_a, z_b = self._embed(view_a, view_b, training)
+        z_a = gather_replicas(tf.cast(z_a, tf.float32))
+        z_b = gather_replicas(tf.cast(z_b, tf.float32))
+        terms = vicreg_loss(
+            z_a,
+            z_b,
+            invariance_weight=self.invariance_weight,
+            variance_weight=self.variance_weight,
+            covariance_weight=self.covariance_weight,
+            gamma=self.gamma,
+            eps=self.eps,
+        )
+        terms["embedding_std"] = 0.5 * (_embedding_std(z_a) + _embedding_std(z_b))
+        return terms
+
+    def _update_metrics(self, terms) -> dict[str, tf.Tensor]:
+        for tracker, name in zip(self.metrics, _METRIC_NAMES):
+            tracker.update_state(terms[name])
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        replicas = num_replicas()
+        with tf.GradientTape() as tape:
+            terms = self.compute_vicreg_terms(data, training=True)
+            loss = terms["loss"]
+            if not self.jit_compile:
+                loss = tf.debugging.check_numerics(loss, _NON_FINITE_MESSAGE)
+            if self.losses:  # e.g. kernel regularizers of the backbone
+                loss = loss + tf.add_n([tf.cast(l, tf.float32) for l in self.losses])
+            # Keras sums gradients over replicas; every replica holds the same global loss.
+            scaled = loss / replicas
+            scaled = self.optimizer.scale_loss(scaled)
+        variables = self.trainable_variables
+        gradients = tape.gradient(scaled, variables)
+        if self.jit_compile:
+            # XLA drops check_numerics: keep the weights finite on a bad step, and
+            # let StopOnNonFiniteLoss end fit with the message.
+            finite = tf.math.is_finite(terms["loss"])
+            gradients = [tf.where(finite, g, tf.zeros_like(g)) for g in gradients]
+        self.optimizer.apply_gradients(zip(gradients, variables))
+        return self._update_metrics(terms)
+
+    def test_step(self, data):
+        return self._update_metrics(self.compute_vicreg_terms(data, training=False))
+
+    # -- serialization ---------------------------------------------------------
+
+    def get_config(self):
+        serialize = keras.saving.serialize_keras_object
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "backbone": serialize(self.backbone),
+            "projector": self.projector_spec or serialize(self.projector),
+            "second_backbone": serialize(self.second_backbone) if self.second_backbone is not None else None,
+            "invariance_weight": self.invariance_weight,
+            "variance_weight": self.variance_weight,
+            "covariance_weight": self.covariance_weight,
+            "gamma": self.gamma,
+            "eps": self.eps,
+            "sync_batchnorm": self.sync_batchnorm,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        deserialize = keras.saving.deserialize_keras_object
+        config["backbone"] = deserialize(config["backbone"])
+        if not isinstance(config["projector"], str):
+            config["projector"] = deserialize(config["projector"])
+        if config.get("second_backbone") is not None:
+            config["second_backbone"] = deserialize(config["second_backbone"])
+        return cls(**config)
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Ends `fit` with a clear error as soon as a batch reports a NaN or Inf loss.
+
+    Without XLA the train step itself raises before applying the gradient; with
+    `jit_compile=True` the step applies a zero gradient instead (XLA has no
+    in-graph checks) and this callback stops fit. Either way the trainable
+    weights stay finite; BatchNorm moving statistics are updated in the forward
+    pass and may not, so resume from the last checkpoint or backup.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            terms = {k: float(v) for k, v in logs.items() if k in _METRIC_NAMES}
+            raise FloatingPointError(f"{_NON_FINITE_MESSAGE} Batch {batch}: {terms}")
