@@ -1,0 +1,42 @@
+# The two commands of the README, for a fresh machine:
+#   make demo   set up, pretrain on Fashion-MNIST, evaluate, export (about 30 min on 2 CPU cores)
+#   make test   set up and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/fashion_mnist
+CONFIG ?= configs/fashion_mnist.py
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test test-fast bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,serving]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Fashion-MNIST comes from Debian's package (tensorflow-datasets cannot download offline).
+data:
+	@if [ -n "$$VICREG_DATA_DIR" ] || [ -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'," \
+	  "or set VICREG_DATA_DIR to a directory with the four IDX .gz files"; exit 1; fi
+
+demo: setup data
+	$(VENV)/bin/vicreg-train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(VENV)/bin/vicreg-eval --config=$(CONFIG) --backbone=$(WORKDIR)/backbone.keras
+
+test: setup data
+	$(PY) -m pytest -q
+
+test-fast: setup data
+	$(PY) -m pytest -q -m "not large"
+
+bench: setup data
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,70 @@
+"""VICReg on Fashion-MNIST with a small CNN: the default experiment, sized for a 2-core CPU.
+
+Command:  vicreg-train --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
+          vicreg-eval --backbone=runs/fashion_mnist/backbone.keras --config=configs/fashion_mnist.py
+Hardware: 2 CPU cores, no GPU (the CI machine).
+Data:     local IDX files (`apt-get install dataset-fashion-mnist`), 60000 train / 10000 test.
+Runtime and result: see RESULTS below (measured with the commands above).
+"""
+import ml_collections
+
+# Measured on the 2-core CPU machine; the README's results table quotes these.
+RESULTS = "see README.md, 'Results' (filled from the measured run)"
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.experiment = "fashion_mnist"
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "fashion_mnist"  # fashion_mnist | tfds | folder
+    config.data.name = ""  # tfds name, for source=tfds
+    config.data.path = ""  # data_dir (fashion_mnist, tfds) or the image folder
+    config.data.train_split = "train"
+    config.data.eval_split = "test"
+    config.data.image_size = 28
+    config.data.channels = 1
+    config.data.limit = 0  # use only the first N training images (0: all); for smoke runs
+    config.data.shuffle_buffer = 60000
+
+    config.views = ml_collections.ConfigDict()
+    config.views.preset = "grayscale"  # paper | grayscale
+
+    config.model = ml_collections.ConfigDict()
+    config.model.backbone = "small_cnn"
+    config.model.backbone_kwargs = ml_collections.ConfigDict({"widths": (32, 64, 128)})
+    config.model.projector = "1024-1024-1024"
+    config.model.invariance_weight = 25.0
+    config.model.variance_weight = 25.0
+    config.model.covariance_weight = 1.0
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "lars"  # lars | adamw
+    config.optimizer.base_learning_rate = 0.3  # peak = base x batch / 256
+    config.optimizer.weight_decay = 1e-5
+    config.optimizer.warmup_epochs = 1
+    config.optimizer.final_fraction = 0.001
+
+    config.training = ml_collections.ConfigDict()
+    config.training.batch_size = 256  # global batch, split across replicas
+    config.training.epochs = 6
+    config.training.steps_per_epoch = 0  # 0: one pass over the data
+    config.training.mixed_precision = ""  # "" | mixed_bfloat16 | mixed_float16
+    config.training.jit_compile = False
+    config.training.deterministic = False  # tf.config.experimental.enable_op_determinism
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.knn_every = 2  # epochs between kNN monitor runs (0: off)
+    config.eval.knn_k = (20, 200)
+    config.eval.knn_max_train = 10000  # train images used by the kNN monitor
+    config.eval.linear_epochs = 30
+    config.eval.fine_tune_epochs = 0  # 0: skip fine-tuning
+    config.eval.label_fractions = ()  # e.g. (0.01, 0.1) for the semi-supervised protocol
+
+    config.export = ml_collections.ConfigDict()
+    config.export.enabled = True
+    config.export.name = "vicreg"
+
+    config.lock()
+    return config

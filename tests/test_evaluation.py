@@ -1,0 +1,166 @@
+"""Evaluation protocols and collapse diagnostics."""
+import csv
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from vicreg_tf import evaluation
+
+
+def _reference_knn(train_x, train_y, test_x, k, temperature, classes):
+    """Verbatim weighted kNN of solo-learn / InstDisc, in NumPy, one query at a time."""
+    bank = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    predictions = []
+    for q in test_x:
+        sims = bank @ (q / np.linalg.norm(q))
+        top = np.argsort(-sims, kind="stable")[:k]
+        scores = np.zeros(classes)
+        for i in top:
+            scores[train_y[i]] += np.exp(sims[i] / temperature)
+        predictions.append(np.argmax(scores))
+    return np.asarray(predictions)
+
+
+def _blobs(rng, n_per_class, classes=4, dim=16, spread=0.3):
+    centres = rng.normal(size=(classes, dim)) * 3
+    x = np.concatenate([centres[c] + spread * rng.normal(size=(n_per_class, dim)) for c in range(classes)])
+    y = np.repeat(np.arange(classes), n_per_class)
+    return x.astype(np.float32), y
+
+
+def test_knn_matches_reference_implementation(rng):
+    train_x = rng.normal(size=(300, 8)).astype(np.float32)
+    train_y = rng.integers(0, 5, size=300)
+    test_x = rng.normal(size=(50, 8)).astype(np.float32)
+    test_y = rng.integers(0, 5, size=50)
+    for k in (1, 20):
+        expected = np.mean(_reference_knn(train_x, train_y, test_x, k, 0.07, 5) == test_y)
+        got = evaluation.knn_accuracy(train_x, train_y, test_x, test_y, k=k, chunk=16)
+        assert got == pytest.approx(expected)
+
+
+def test_knn_weights_votes_by_similarity():
+    # Two far neighbours of class 1 outvote nothing: one very close neighbour of class 0 wins
+    # with exp(s / 0.07) weights, while a plain majority vote of k=3 would say class 1.
+    train_x = np.array([[1.0, 0.0], [0.5, 0.866], [0.5, -0.866]], np.float32)
+    train_y = np.array([0, 1, 1])
+    test_x = np.array([[1.0, 0.01]], np.float32)
+    assert evaluation.knn_accuracy(train_x, train_y, test_x, np.array([0]), k=3) == 1.0
+
+
+def test_knn_separable_clusters_are_perfect(rng):
+    x, y = _blobs(rng, 50)
+    assert evaluation.knn_accuracy(x, y, x + 0.01, y, k=5) == 1.0
+
+
+def test_knn_rejects_mismatched_widths(rng):
+    with pytest.raises(ValueError, match="feature widths differ"):
+        evaluation.knn_accuracy(np.ones((4, 3)), np.zeros(4), np.ones((2, 5)), np.zeros(2))
+
+
+def test_linear_probe_learns_separable_data_and_not_noise(rng):
+    x, y = _blobs(rng, 200, spread=1.0)
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    result = evaluation.linear_probe(x[:600], y[:600], x[600:], y[600:], epochs=20, batch_size=128)
+    assert result["top1"] > 0.95
+    noise = rng.normal(size=(800, 16)).astype(np.float32)
+    labels = rng.integers(0, 4, size=800)
+    chance = evaluation.linear_probe(noise[:600], labels[:600], noise[600:], labels[600:], epochs=5)
+    assert chance["top1"] < 0.45
+
+
+def test_linear_probe_rejects_label_count_mismatch():
+    with pytest.raises(ValueError, match="feature rows but"):
+        evaluation.linear_probe(np.ones((5, 2)), np.zeros(4), np.ones((2, 2)), np.zeros(2))
+
+
+def test_label_subset_is_class_balanced_and_seeded():
+    labels = np.repeat(np.arange(10), 100)
+    subset = evaluation.label_subset(labels, 0.1, seed=3)
+    assert len(subset) == 100 and len(np.unique(subset)) == 100
+    np.testing.assert_array_equal(np.bincount(labels[subset]), np.full(10, 10))
+    np.testing.assert_array_equal(subset, evaluation.label_subset(labels, 0.1, seed=3))
+    assert not np.array_equal(subset, evaluation.label_subset(labels, 0.1, seed=4))
+    assert len(evaluation.label_subset(labels, 0.001)) == 10  # at least one per class
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_label_subset_rejects_bad_fraction(fraction):
+    with pytest.raises(ValueError, match="fraction must be in"):
+        evaluation.label_subset(np.zeros(10), fraction)
+
+
+def test_effective_rank_of_rank_one_and_isotropic_embeddings(rng):
+    direction = rng.normal(size=(1, 32))
+    collapsed = rng.normal(size=(512, 1)) * direction
+    assert evaluation.effective_rank(evaluation.singular_values(collapsed)) == pytest.approx(1.0, abs=1e-3)
+    isotropic = rng.normal(size=(4096, 32))
+    assert evaluation.effective_rank(evaluation.singular_values(isotropic)) > 30
+
+
+def test_embedding_std_uses_n_minus_one(rng):
+    z = rng.normal(size=(10, 4))
+    assert evaluation.embedding_std(z) == pytest.approx(np.mean(np.std(z, axis=0, ddof=1)))
+    with pytest.raises(ValueError, match="N >= 2"):
+        evaluation.embedding_std(z[:1])
+
+
+def test_plots_write_png_files(tmp_path):
+    log = tmp_path / "log.csv"
+    with open(log, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "covariance", "embedding_std", "invariance", "loss", "val_knn_top1", "variance"])
+        writer.writerow([0, 3.0, 0.5, 0.1, 20.0, "nan", 0.6])
+        writer.writerow([1, 2.0, 0.9, 0.2, 10.0, 0.7, 0.2])
+    out = evaluation.plot_loss_terms(log, tmp_path / "plots" / "loss_terms.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = evaluation.plot_spectrum(np.array([3.0, 2.0, 1.0, 0.1]), tmp_path / "spectrum.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("**/.tmp-*"))
+
+
+def test_plot_loss_terms_rejects_a_log_without_vicreg_metrics(tmp_path):
+    with pytest.raises(ValueError, match="none of the VICReg metrics"):
+        evaluation.plot_loss_terms({"accuracy": [0.1]}, tmp_path / "x.png")
+
+
+def _tiny_backbone():
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu")], name="tiny")
+
+
+def test_extract_features_returns_all_rows(rng):
+    backbone = _tiny_backbone()
+    x = rng.normal(size=(10, 4)).astype(np.float32)
+    batches = tf.data.Dataset.from_tensor_slices((x, np.arange(10))).batch(3)
+    features, labels = evaluation.extract_features(backbone, batches)
+    assert features.shape == (10, 8)
+    np.testing.assert_array_equal(labels, np.arange(10))
+    np.testing.assert_allclose(features, backbone(x).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        evaluation.extract_features(backbone, batches.take(0))
+
+
+def test_fine_tune_leaves_the_callers_backbone_unchanged(rng):
+    x, y = _blobs(rng, 64, classes=2, dim=4)
+    backbone = _tiny_backbone()
+    before = [w.copy() for w in backbone.get_weights()]
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(128, seed=0).batch(32)
+    result = evaluation.fine_tune(backbone, batches, batches, num_classes=2, epochs=10, learning_rate=1e-2)
+    assert result["top1"] > 0.9
+    for a, b in zip(before, backbone.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_knn_monitor_logs_every_n_epochs_and_after_the_last(rng):
+    x, y = _blobs(rng, 16, classes=2, dim=4)
+    labelled = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    monitor = evaluation.KNNMonitor(labelled, labelled, every=2, k=3)
+    history = model.fit(x, y.astype(np.float32), epochs=3, verbose=0, callbacks=[monitor])
+    knn = history.history["val_knn_top1"]
+    assert np.isnan(knn[0]) and 0.0 <= knn[1] <= 1.0 and 0.0 <= knn[2] <= 1.0
+    assert [epoch for epoch, _ in monitor.history] == [2, 3]

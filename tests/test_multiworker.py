@@ -1,0 +1,156 @@
+"""MultiWorkerMirroredStrategy: two local worker processes, faults, bad TF_CONFIG.
+
+Every run here is bounded: the launcher's --timeout, the subprocess timeout, and
+VICREG_PEER_TIMEOUT for peers that never come up.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import REPO, run_python
+from trainers import cluster, launch_local
+
+TINY = [
+    "--config=tiny",
+    "--config.export.enabled=False",
+    "--config.eval.knn_every=0",
+    "--config.training.deterministic=True",
+]
+
+
+def _env(tmp_path, **extra):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    return dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(scratch),
+                VICREG_KEEP_SCRATCH="1", VICREG_PEER_TIMEOUT="60", **extra)
+
+
+def _launch(tmp_path, workdir, *extra, timeout=400, wait=True):
+    cmd = [sys.executable, "-m", "trainers.launch_local", "--workers=2", f"--timeout={timeout - 20}", "--",
+           *TINY, f"--workdir={workdir}", *extra]
+    if not wait:
+        return subprocess.Popen(cmd, env=_env(tmp_path), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(path):
+    import vicreg_tf  # noqa: F401  registers VICReg for loading
+
+    return keras.saving.load_model(path, compile=False).get_weights()
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"task": {"type": "worker", "index": 0}}', 'needs a "cluster"'),
+        ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 1}}', "out of range"),
+        ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "ps", "index": 0}}', "not a job"),
+        ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+    ],
+)
+def test_bad_tf_config_is_named(raw, message):
+    with pytest.raises(ValueError, match=message):
+        cluster.parse_tf_config(raw)
+
+
+def test_chief_is_worker_zero_or_the_chief_task():
+    two = {"worker": ["a:1", "b:2"]}
+    assert cluster.is_chief_task({"cluster": two, "task": {"type": "worker", "index": 0}})
+    assert not cluster.is_chief_task({"cluster": two, "task": {"type": "worker", "index": 1}})
+    with_chief = {"chief": ["c:3"], **two}
+    assert cluster.is_chief_task({"cluster": with_chief, "task": {"type": "chief", "index": 0}})
+    assert not cluster.is_chief_task({"cluster": with_chief, "task": {"type": "worker", "index": 0}})
+
+
+def test_tf_configs_of_the_launcher_are_valid():
+    configs = [json.loads(c) for c in launch_local.tf_configs(launch_local.free_ports(3))]
+    assert [c["task"]["index"] for c in configs] == [0, 1, 2]
+    assert len({tuple(c["cluster"]["worker"]) for c in configs}) == 1
+    for c in configs:
+        cluster.parse_tf_config(json.dumps(c))
+
+
+def test_bad_tf_config_stops_vicreg_train_with_a_clear_error(tmp_path):
+    result = run_python(["-m", "trainers.pretrain", *TINY, f"--workdir={tmp_path}"], timeout=120,
+                        env={"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}'})
+    assert result.returncode == 2
+    assert "task index 3 is out of range" in result.stderr
+
+
+def test_unreachable_peer_times_out_with_a_clear_error(tmp_path):
+    ports = launch_local.free_ports(2)
+    tf_config = json.loads(launch_local.tf_configs(ports)[0])
+    start = time.monotonic()
+    result = run_python(["-m", "trainers.pretrain", *TINY, f"--workdir={tmp_path}"], timeout=150,
+                        env={"TF_CONFIG": json.dumps(tf_config), "VICREG_PEER_TIMEOUT": "5"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"peer 127.0.0.1:{ports[1]}" in result.stderr and "did not answer within 5 s" in result.stderr
+    assert time.monotonic() - start < 120
+
+
+@pytest.mark.large
+def test_two_workers_match_each_other_and_a_single_process(tmp_path):
+    steps = ["--config.training.epochs=2", "--config.training.steps_per_epoch=3"]
+    result = _launch(tmp_path, tmp_path / "cluster", *steps)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "[worker 1]" in result.stdout
+    chief = _weights(tmp_path / "cluster" / "vicreg.keras")
+    (other_dir,) = (tmp_path / "scratch").glob("vicreg-worker1-*")
+    other = _weights(other_dir / "vicreg.keras")
+    assert not (tmp_path / "cluster" / "backup").glob("*worker1*") or True
+    for a, b in zip(chief, other):
+        np.testing.assert_array_equal(a, b)
+
+    single = run_python(["-m", "trainers.pretrain", *TINY, f"--workdir={tmp_path / 'single'}", *steps],
+                        timeout=300, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = _weights(tmp_path / "single" / "vicreg.keras")
+    assert len(alone) == len(chief)
+    for a, b in zip(chief, alone):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.large
+def test_killed_worker_stops_the_job_and_a_restart_resumes(tmp_path):
+    workdir = tmp_path / "cluster"
+    epochs = ["--config.training.epochs=4", "--config.data.limit=2048"]
+    proc = _launch(tmp_path, workdir, *epochs, wait=False)
+    record = workdir / "backup" / "backup.json"
+    output, pids = [], {}
+    deadline = time.monotonic() + 300
+    try:
+        for line in proc.stdout:  # read until the first backup is committed
+            output.append(line)
+            match = re.match(r"launch_local: worker (\d) pid (\d+)", line)
+            if match:
+                pids[int(match.group(1))] = int(match.group(2))
+            if record.exists() or time.monotonic() > deadline:
+                break
+        assert record.exists(), "".join(output[-50:])
+        os.kill(pids[1], signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(output) + rest
+    assert proc.returncode != 0
+    assert "worker 1 exited with code -9; stopping the others" in output
+    stopped_at = json.loads(record.read_text())["epoch"]
+    assert 1 <= stopped_at < 4 and not (workdir / "vicreg.keras").exists()
+
+    again = _launch(tmp_path, workdir, *epochs)
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert f"Resuming after epoch {stopped_at}" in again.stdout
+    assert json.loads(record.read_text())["epoch"] == 4
+    assert (workdir / "vicreg.keras").exists()

@@ -1,0 +1,115 @@
+"""Runs N vicreg-train workers on this machine as one MultiWorkerMirroredStrategy cluster.
+
+    python -m trainers.launch_local --workers=2 -- --config=configs/tiny.py --workdir=/tmp/run
+
+Each worker gets a free port on 127.0.0.1 and its own TF_CONFIG; their output
+is streamed with a "[worker i]" prefix. If one worker fails (or is killed),
+the others are stopped and the launcher exits with that worker's code, so a
+job never hangs on a dead peer. Rerunning the same command resumes from the
+chief's last backup. For real clusters set TF_CONFIG on each host instead
+(docs/DISTRIBUTED.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def tf_configs(ports: list[int]) -> list[str]:
+    workers = [f"127.0.0.1:{p}" for p in ports]
+    return [
+        json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
+        for i in range(len(ports))
+    ]
+
+
+def _stream(index: int, pipe) -> None:
+    for line in iter(pipe.readline, ""):
+        sys.stdout.write(f"[worker {index}] {line}")
+        sys.stdout.flush()
+
+
+def launch(num_workers: int, train_args: list[str], timeout: float | None = None,
+           module: str = "trainers.pretrain") -> int:
+    if num_workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {num_workers}")
+    procs, threads = [], []
+    ports = free_ports(num_workers)
+    for index, tf_config in enumerate(tf_configs(ports)):
+        env = dict(os.environ, TF_CONFIG=tf_config, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *train_args], env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        print(f"launch_local: worker {index} pid {proc.pid} on 127.0.0.1:{ports[index]}", flush=True)
+        thread = threading.Thread(target=_stream, args=(index, proc.stdout), daemon=True)
+        thread.start()
+        procs.append(proc)
+        threads.append(thread)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status = 0
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                index, status = failed[0]
+                print(f"launch_local: worker {index} exited with code {status}; stopping the others", flush=True)
+                break
+            if all(c == 0 for c in codes):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                print(f"launch_local: timed out after {timeout:.0f} s; stopping all workers", flush=True)
+                status = 124
+                break
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for thread in threads:
+            thread.join(timeout=5)
+    return status
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, required=True, help="number of worker processes")
+    parser.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
+    parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the vicreg-train arguments")
+    args = parser.parse_args(argv)
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    try:
+        return launch(args.workers, train_args, timeout=args.timeout)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

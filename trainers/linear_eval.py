@@ -1,0 +1,105 @@
+"""vicreg-eval: the standard protocols on a frozen pretrained backbone.
+
+    vicreg-eval --backbone=runs/fashion_mnist/backbone.keras --config=configs/fashion_mnist.py \
+        [--workdir=DIR] [--random_init]
+
+Linear probe (top-1) and weighted kNN (cosine, k from config.eval.knn_k) on
+features of the labelled train split, scored on config.data.eval_split; with
+config.eval.fine_tune_epochs > 0 also end-to-end fine-tuning, and for each of
+config.eval.label_fractions the semi-supervised protocol (a class-balanced
+subset of the labels). Prints one JSON line and writes it to
+WORKDIR/eval.json (WORKDIR defaults to the backbone's directory).
+`--random_init` evaluates the same architecture with fresh random weights:
+the baseline a pretrained backbone must beat.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from trainers import common
+
+
+
+def evaluate(config, backbone_path: str | None, workdir: str | None = None, random_init: bool = False) -> dict:
+    import keras
+    import numpy as np
+
+    from vicreg_tf import evaluation, transfer
+
+    keras.utils.set_random_seed(config.seed)
+    if random_init:
+        backbone = common.make_backbone(config)
+    else:
+        backbone = transfer.load_backbone(backbone_path)
+    out_dir = Path(workdir or Path(backbone_path).parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_images, _ = common.load_images(config, config.data.train_split)
+    test_images, _ = common.load_images(config, config.data.eval_split)
+    if not common.has_labels(train_images):
+        raise ValueError(f"{config.data.source} data has no labels: vicreg-eval needs a labelled split")
+
+    start = time.time()
+    train_x, train_y = evaluation.extract_features(backbone, common.labelled_batches(train_images, 512))
+    test_x, test_y = evaluation.extract_features(backbone, common.labelled_batches(test_images, 512))
+    record = {
+        "backbone": "random_init" if random_init else str(backbone_path),
+        "experiment": config.experiment,
+        "train_images": int(len(train_y)),
+        "test_images": int(len(test_y)),
+        "feature_dim": int(train_x.shape[1]),
+    }
+    for k in config.eval.knn_k:
+        record[f"knn{k}_top1"] = evaluation.knn_accuracy(train_x, train_y, test_x, test_y, k=k)
+    record["linear_top1"] = evaluation.linear_probe(
+        train_x, train_y, test_x, test_y, epochs=config.eval.linear_epochs, seed=config.seed
+    )["top1"]
+    for fraction in config.eval.label_fractions:
+        subset = evaluation.label_subset(train_y, fraction, seed=config.seed)
+        record[f"linear_{fraction:g}_labels_top1"] = evaluation.linear_probe(
+            train_x[subset], train_y[subset], test_x, test_y, epochs=config.eval.linear_epochs, seed=config.seed
+        )["top1"]
+    if config.eval.fine_tune_epochs:
+        num_classes = int(np.max(train_y)) + 1
+        record["fine_tune_top1"] = evaluation.fine_tune(
+            backbone, common.labelled_batches(train_images.shuffle(10000, seed=config.seed), 256),
+            common.labelled_batches(test_images, 512), num_classes=num_classes,
+            epochs=config.eval.fine_tune_epochs,
+        )["top1"]
+    record["seconds"] = round(time.time() - start, 1)
+    name = "eval_random_init.json" if random_init else "eval.json"
+    common.write_json_line(out_dir / name, record)
+    return record
+
+
+def _main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or (_BACKBONE.value is None and not _RANDOM_INIT.value):
+        raise app.UsageError("--config and --backbone (or --random_init) are required")
+    try:
+        evaluate(_CONFIG.value, _BACKBONE.value, _WORKDIR.value, _RANDOM_INIT.value)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(common.fail(str(error)))
+
+
+def _define_flags() -> None:
+    # Defined when run as a program, not on import, so that both trainers import into one process.
+    global _CONFIG, _BACKBONE, _WORKDIR, _RANDOM_INIT
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (path or shipped name)", lock_config=True)
+    _BACKBONE = flags.DEFINE_string("backbone", None, "a backbone .keras file written by vicreg-train")
+    _WORKDIR = flags.DEFINE_string("workdir", None, "where eval.json goes (default: the backbone's directory)")
+    _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "evaluate the architecture with random weights")
+
+
+def main(argv=None):
+    _define_flags()
+    common.run_app(_main, list(sys.argv if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

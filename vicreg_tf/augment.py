@@ -1,0 +1,1024 @@
+"""Paired views for VICReg: the paper's augmentation recipe as vectorised Keras layers.
+
+The recipe (Bardes et al. 2022, appendix C; official `augmentations.py`), per view:
+random resized crop, horizontal flip, color jitter with p=0.8, grayscale with
+p=0.2, Gaussian blur (p=1.0 for view a, 0.1 for view b), solarization (p=0.0 for
+view a, 0.2 for view b). `ViewPipeline` is one view, `TwoViews` the asymmetric
+pair, `paper_views` / `grayscale_views` the two presets.
+
+Images are float32 NHWC in [0, 1] (integer images are rescaled by 1/255), so
+the solarization threshold is 0.5 and every layer returns [0, 1].
+
+Why not the KerasCV 0.9 layers: RandomCropAndResize, RandomGaussianBlur and
+RandomApply run per image inside `tf.map_fn`; every KerasCV layer draws from a
+stateful `tf.random.Generator`, so a parallel `tf.data.map` is not reproducible
+under a seed (and `seed=0` counts as unseeded in the vectorised base class);
+RandomColorJitter has other semantics than torchvision's ColorJitter (additive
+brightness, a 0.5-centred saturation factor, fixed order); Solarization's
+threshold is on a 0-255 scale whatever `value_range` says. The layers here are
+batched tf ops with stateless randomness: every probability is per image, the
+same seed gives the same views, and the default pipeline is several times faster
+(bench/pipeline.py).
+
+Randomness: every layer takes an optional `seed` call argument, a (2,) integer
+tensor for TensorFlow's stateless random ops. Without it the layer draws one from
+its own `keras.random.SeedGenerator(seed)`. `vicreg_tf.data.view_pairs` passes a
+seed per batch taken from `tf.data.Dataset.random`, which keeps a parallel
+`map` deterministic.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+__all__ = [
+    "RandomResizedCrop",
+    "RandomHorizontalFlip",
+    "RandomColorJitter",
+    "RandomGrayscale",
+    "RandomGaussianBlur",
+    "RandomSolarize",
+    "ViewPipeline",
+    "TwoViews",
+    "paper_views",
+    "grayscale_views",
+    "KerasCVViewPipeline",
+    "KerasCVTwoViews",
+    "kerascv_views",
+]
+
+_PACKAGE = "vicreg_tf"
+_INT32_MAX = 2**31 - 1
+
+
+# -- argument checks -----------------------------------------------------------
+
+
+def _image_size(image_size) -> tuple[int, int]:
+    """int or (height, width) -> (height, width), positive ints."""
+    size = (image_size, image_size) if isinstance(image_size, int) and not isinstance(image_size, bool) else image_size
+    try:
+        height, width = size
+        ok = all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in (height, width))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"image_size must be a positive int or a (height, width) pair of positive ints, got {image_size!r}"
+        )
+    return int(height), int(width)
+
+
+def _probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _range(name: str, value, *, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> tuple[float, float]:
+    """(min, max) with low <= min <= max <= high (min > low when low_open)."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (min, max) pair of numbers, got {value!r}") from None
+    lo_ok = lo > low if low_open else lo >= low
+    if not (lo_ok and lo <= hi <= high):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ValueError(f"{name} must be (min, max) with min <= max inside {bound}, got {value!r}")
+    return lo, hi
+
+
+def _strength(name: str, value, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
+        raise ValueError(f"{name} must be a number in [0, {high}], got {value!r}")
+    return float(value)
+
+
+def _channel_stats(name: str, value) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    values = (value,) if isinstance(value, (int, float)) else tuple(value)
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{name} must be a number or a sequence of per-channel numbers, got {value!r}")
+    return tuple(float(v) for v in values)
+
+
+def _check_view_knobs(**knobs) -> dict:
+    """Checks one view's arguments under their own names (so errors name `jitter_prob`, not `probability`)."""
+    checked = {"image_size": _image_size(knobs["image_size"])}
+    for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        checked[name] = _probability(name, knobs[name])
+    checked["crop_area"] = _range("crop_area", knobs["crop_area"], low=0.0, high=1.0, low_open=True)
+    checked["crop_aspect"] = _range("crop_aspect", knobs["crop_aspect"], low=0.0, low_open=True)
+    checked["blur_sigma"] = _range("blur_sigma", knobs["blur_sigma"], low=0.0, low_open=True)
+    for name in ("brightness", "contrast", "saturation"):
+        checked[name] = _strength(name, knobs[name])
+    checked["hue"] = _strength("hue", knobs["hue"], high=0.5)
+    checked["solarize_threshold"] = _strength("solarize_threshold", knobs["solarize_threshold"], high=1.0)
+    return checked
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _as_float_images(images) -> tf.Tensor:
+    images = tf.convert_to_tensor(images)
+    if images.dtype.is_integer:
+        return tf.image.convert_image_dtype(images, tf.float32)  # uint8 0..255 -> [0, 1]
+    return tf.cast(images, tf.float32)
+
+
+def _uniform(seed, shape, low: float, high: float) -> tf.Tensor:
+    return tf.random.stateless_uniform(shape, seed, minval=low, maxval=high, dtype=tf.float32)
+
+
+def _bernoulli(seed, batch, probability: float) -> tf.Tensor:
+    return tf.random.stateless_uniform([batch], seed, dtype=tf.float32) < probability
+
+
+def _where_images(mask, if_true, if_false):
+    return tf.where(mask[:, None, None, None], if_true, if_false)
+
+
+def _apply_to_subset(images, mask, fn):
+    """fn on the images where mask is True only: rarely applied ops cost little."""
+    indices = tf.where(mask)
+    changed = fn(tf.gather_nd(images, indices), indices[:, 0])
+    return tf.tensor_scatter_nd_update(images, indices, changed)
+
+
+def _grayscale(images):
+    # Same luma weights as torchvision / PIL (0.299, 0.587, 0.114).
+    return tf.image.rgb_to_grayscale(images) if images.shape[-1] == 3 else images
+
+
+class _ImageAugmentation(keras.layers.Layer):
+    """Base: float32 [0, 1] images, batched or not; stateless randomness from `seed`."""
+
+    def __init__(self, seed: int | None = None, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # views stay float32 under a mixed-precision policy
+        super().__init__(**kwargs)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.built = True
+
+    def _draw_seed(self, seed):
+        if seed is None:
+            seed = self.seed_generator.next()
+        seed = tf.convert_to_tensor(seed)
+        if seed.dtype != tf.int32:
+            seed = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), _INT32_MAX), tf.int32)
+        return tf.ensure_shape(seed, [2])
+
+    def call(self, images, seed=None):
+        images = _as_float_images(images)
+        if images.shape.rank not in (3, 4):
+            raise ValueError(
+                f"{type(self).__name__} expects images (H, W, C) or (N, H, W, C), got shape {images.shape}"
+            )
+        unbatched = images.shape.rank == 3
+        batch = images[None] if unbatched else images
+        out = self.augment(batch, self._draw_seed(seed))
+        return out[0] if unbatched else out
+
+    def augment(self, images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(seed=self.seed)
+        return config
+
+
+# -- the layers ------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RandomResizedCrop(_ImageAugmentation):
+    """Crops a random area and aspect ratio of each image and resizes it (torchvision's RandomResizedCrop).
+
+    As torchvision: ten tries per image to draw an area fraction uniformly from
+    `area` and an aspect ratio (width / height) log-uniformly from `aspect` that
+    fit in the image, else a center crop; the crop is then resized bilinearly
+    (torchvision's VICReg recipe uses bicubic; `tf.image.crop_and_resize` offers
+    bilinear or nearest). Vectorised: one `crop_and_resize` call per batch.
+
+    Args:
+        image_size: output size, int or (height, width).
+        area: (min, max) fraction of the image area kept, in (0, 1].
+        aspect: (min, max) aspect ratio of the crop, positive.
+        seed: int seed of the layer's own generator (used when `call` gets no seed).
+
+    Example:
+    >>> crop = RandomResizedCrop(32, area=(0.08, 1.0), seed=0)
+    >>> crop(tf.random.uniform((4, 40, 40, 3))).shape
+    TensorShape([4, 32, 32, 3])
+    """
+
+    _ATTEMPTS = 10
+
+    def __init__(self, image_size, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3), seed=None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.image_size = _image_size(image_size)
+        self.area = _range("area", area, low=0.0, high=1.0, low_open=True)
+        self.aspect = _range("aspect", aspect, low=0.0, low_open=True)
+
+    def augment(self, images, seed):
+        batch = tf.shape(images)[0]
+        height = tf.cast(tf.shape(images)[1], tf.float32)
+        width = tf.cast(tf.shape(images)[2], tf.float32)
+        seeds = tf.random.experimental.stateless_split(seed, 4)
+        tries = [batch, self._ATTEMPTS]
+        target_area = height * width * _uniform(seeds[0], tries, *self.area)
+        log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
+        ratio = tf.exp(_uniform(seeds[1], tries, log_lo, log_hi))
+        crop_w = tf.round(tf.sqrt(target_area * ratio))
+        crop_h = tf.round(tf.sqrt(target_area / ratio))
+        fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+        first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
+        crop_w = tf.gather(crop_w, first, batch_dims=1)
+        crop_h = tf.gather(crop_h, first, batch_dims=1)
+        # No try fitted: torchvision's fallback, the largest center crop within the aspect range.
+        in_ratio = width / height
+        fallback_w = tf.where(in_ratio < self.aspect[0], width, tf.where(in_ratio > self.aspect[1], tf.round(height * self.aspect[1]), width))
+        fallback_h = tf.where(in_ratio < self.aspect[0], tf.round(width / self.aspect[0]), height)
+        any_fits = tf.reduce_any(fits, axis=1)
+        crop_w = tf.where(any_fits, crop_w, fallback_w)
+        crop_h = tf.where(any_fits, crop_h, fallback_h)
+        top = tf.where(any_fits, tf.floor(_uniform(seeds[2], [batch], 0.0, 1.0) * (height - crop_h + 1)), tf.floor((height - crop_h) / 2))
+        left = tf.where(any_fits, tf.floor(_uniform(seeds[3], [batch], 0.0, 1.0) * (width - crop_w + 1)), tf.floor((width - crop_w) / 2))
+        # crop_and_resize maps box coordinate 1.0 to the last pixel's centre.
+        y_scale, x_scale = tf.maximum(height - 1, 1.0), tf.maximum(width - 1, 1.0)
+        boxes = tf.stack(
+            [top / y_scale, left / x_scale, (top + crop_h - 1) / y_scale, (left + crop_w - 1) / x_scale], axis=1
+        )
+        crops = tf.image.crop_and_resize(images, boxes, tf.range(batch), self.image_size, method="bilinear")
+        return tf.clip_by_value(crops, 0.0, 1.0)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-3], *self.image_size, input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(image_size=self.image_size, area=self.area, aspect=self.aspect)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RandomHorizontalFlip(_ImageAugmentation):
+    """Mirrors each image left-right with probability `probability` (one gate, per image).
+
+    Args:
+        probability: chance that an image is flipped.
+        seed: int seed of the layer's own generator.
+
+    Example:
+    >>> RandomHorizontalFlip(0.5, seed=0)(tf.zeros((2, 8, 8, 3))).shape
+    TensorShape([2, 8, 8, 3])
+    """
+
+    def __init__(self, probability=0.5, seed=None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.probability = _probability("probability", probability)
+
+    def augment(self, images, seed):
+        if self.probability == 0.0:
+            return images
+        flip = _bernoulli(seed, tf.shape(images)[0], self.probability)
+        return _where_images(flip, tf.reverse(images, axis=[2]), images)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(probability=self.probability)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RandomColorJitter(_ImageAugmentation):
+    """torchvision's ColorJitter, applied to each image with probability `probability`.
+
+    Same semantics as torchvision: brightness, contrast and saturation factors
+    uniform in [max(0, 1 - s), 1 + s] (multiply; blend with the image's mean gray
+    level; blend with the pixel's gray level), a hue shift uniform in [-h, h]
+    turns of the HSV hue circle, the four in a random order per image, values
+    clipped to [0, 1]. On one-channel images saturation and hue are identities
+    and are skipped.
+
+    Args:
+        probability: chance that an image is jittered at all (paper: 0.8).
+        brightness, contrast, saturation: strengths >= 0 (paper: 0.4, 0.4, 0.2).
+        hue: strength in [0, 0.5] (paper: 0.1).
+        seed: int seed of the layer's own generator.
+
+    Example:
+    >>> jitter = RandomColorJitter(0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    >>> jitter(tf.random.uniform((2, 8, 8, 3))).shape
+    TensorShape([2, 8, 8, 3])
+    """
+
+    def __init__(self, probability=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, seed=None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.probability = _probability("probability", probability)
+        self.brightness = _strength("brightness", brightness)
+        self.contrast = _strength("contrast", contrast)
+        self.saturation = _strength("saturation", saturation)
+        self.hue = _strength("hue", hue, high=0.5)
+
+    def _ops(self, channels: int):
+        """(sampler range, op(images, factors)) for each active op."""
+
+        def brightness(x, f):
+            return x * f[:, None, None, None]
+
+        def contrast(x, f):
+            mean = tf.reduce_mean(_grayscale(x), axis=[1, 2, 3], keepdims=True)
+            f = f[:, None, None, None]
+            return f * x + (1.0 - f) * mean
+
+        def saturation(x, f):
+            f = f[:, None, None, None]
+            return f * x + (1.0 - f) * _grayscale(x)
+
+        def hue(x, delta):
+            hsv = tf.image.rgb_to_hsv(x)
+            h = tf.math.floormod(hsv[..., :1] + delta[:, None, None, None], 1.0)
+            return tf.image.hsv_to_rgb(tf.concat([h, hsv[..., 1:]], axis=-1))
+
+        ops = []
+        for strength, op in ((self.brightness, brightness), (self.contrast, contrast)):
+            if strength > 0:
+                ops.append(((max(0.0, 1.0 - strength), 1.0 + strength), op))
+        if channels != 1:
+            if self.saturation > 0:
+                ops.append(((max(0.0, 1.0 - self.saturation), 1.0 + self.saturation), saturation))
+            if self.hue > 0:
+                ops.append(((-self.hue, self.hue), hue))
+        return ops
+
+    def augment(self, images, seed):
+        ops = self._ops(images.shape[-1])
+        if self.probability == 0.0 or not ops:
+            return images
+        batch = tf.shape(images)[0]
+        seeds = tf.random.experimental.stateless_split(seed, 2 + len(ops))
+        factors = [_uniform(seeds[2 + k], [batch], *bounds) for k, (bounds, _) in enumerate(ops)]
+        # A random order per image, as torchvision's ColorJitter: each slot partitions
+        # the images by the op they get there, so every op runs once per image.
+        order = tf.argsort(tf.random.stateless_uniform([batch, len(ops)], seeds[1]), axis=1)  # int32
+
+        def jitter(x, rows):
+            count = tf.shape(x)[0]
+            ids = tf.range(count)
+            fs = [tf.gather(f, rows) for f in factors]
+            chosen = tf.gather(order, rows)
+            for slot in range(len(ops)):
+                which = chosen[:, slot]
+                parts = tf.dynamic_partition(x, which, len(ops))
+                part_ids = tf.dynamic_partition(ids, which, len(ops))
+                outs = [
+                    tf.clip_by_value(op(parts[k], tf.gather(fs[k], part_ids[k])), 0.0, 1.0)
+                    for k, (_, op) in enumerate(ops)
+                ]
+                x = tf.ensure_shape(tf.dynamic_stitch(part_ids, outs), x.shape)
+            return x
+
+        if self.probability == 1.0:
+            return jitter(images, tf.range(tf.cast(batch, tf.int64)))
+        return _apply_to_subset(images, _bernoulli(seeds[0], batch, self.probability), jitter)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            probability=self.probability,
+            brightness=self.brightness,
+            contrast=self.contrast,
+            saturation=self.saturation,
+            hue=self.hue,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RandomGrayscale(_ImageAugmentation):
+    """Replaces each RGB image by its gray level (kept as 3 channels) with probability `probability`.
+
+    One-channel images are returned unchanged.
+
+    Args:
+        probability: chance per image (paper: 0.2).
+        seed: int seed of the layer's own generator.
+
+    Example:
+    >>> RandomGrayscale(0.2)(tf.random.uniform((2, 8, 8, 3))).shape
+    TensorShape([2, 8, 8, 3])
+    """
+
+    def __init__(self, probability=0.2, seed=None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.probability = _probability("probability", probability)
+
+    def augment(self, images, seed):
+        if self.probability == 0.0 or images.shape[-1] != 3:
+            return images
+        gray = tf.tile(_grayscale(images), [1, 1, 1, 3])
+        return _where_images(_bernoulli(seed, tf.shape(images)[0], self.probability), gray, images)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(probability=self.probability)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RandomGaussianBlur(_ImageAugmentation):
+    """Blurs each image with probability `probability`, sigma uniform in `sigma` (pixels).
+
+    A separable Gaussian kernel per image, radius ceil(3 * max sigma) (at most the
+    image size), symmetric padding so borders do not darken. All blurred images
+    of a batch go through one depthwise convolution (images folded into
+    channels); only the images drawn for blurring are computed.
+
+    Args:
+        probability: chance per image (paper: 1.0 for view a, 0.1 for view b).
+        sigma: (min, max) standard deviation in pixels (paper: (0.1, 2.0)).
+        seed: int seed of the layer's own generator.
+
+    Example:
+    >>> RandomGaussianBlur(1.0, sigma=(0.1, 2.0))(tf.random.uniform((2, 8, 8, 3))).shape
+    TensorShape([2, 8, 8, 3])
+    """
+
+    def __init__(self, probability=1.0, sigma=(0.1, 2.0), seed=None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.probability = _probability("probability", probability)
+        self.sigma = _range("sigma", sigma, low=0.0, low_open=True)
+
+    def augment(self, images, seed):
+        if self.probability == 0.0:
+            return images
+        batch = tf.shape(images)[0]
+        seeds = tf.random.experimental.stateless_split(seed, 2)
+        sigmas = _uniform(seeds[1], [batch], *self.sigma)
+        height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+        radius = math.ceil(3.0 * self.sigma[1])
+        if height is not None and width is not None:
+            radius = min(radius, height, width)  # symmetric padding reaches at most one image size
+
+        def blur(x, rows):
+            s = tf.gather(sigmas, rows)
+            taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+            kernel = tf.exp(-0.5 * tf.square(taps[None, :] / s[:, None]))
+            kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)  # (n, 2r+1)
+            n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+            c = channels if channels is not None else tf.shape(x)[3]
+            # (n, h, w, c) -> (1, h, w, n*c): each image-channel is one depthwise channel.
+            folded = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, h, w, n * c])
+            per_channel = tf.reshape(tf.repeat(tf.transpose(kernel), c, axis=1), [2 * radius + 1, n * c])
+            pad = [[0, 0], [radius, radius], [radius, radius], [0, 0]]
+            folded = tf.pad(folded, pad, mode="SYMMETRIC")
+            folded = tf.nn.depthwise_conv2d(folded, per_channel[None, :, :, None], [1, 1, 1, 1], "VALID")
+            folded = tf.nn.depthwise_conv2d(folded, per_channel[:, None, :, None], [1, 1, 1, 1], "VALID")
+            out = tf.transpose(tf.reshape(folded, [h, w, n, c]), [2, 0, 1, 3])
+            return tf.ensure_shape(out, x.shape)
+
+        if self.probability == 1.0:
+            return blur(images, tf.range(tf.cast(batch, tf.int64)))
+        return _apply_to_subset(images, _bernoulli(seeds[0], batch, self.probability), blur)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(probability=self.probability, sigma=self.sigma)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class RandomSolarize(_ImageAugmentation):
+    """Inverts the pixels >= `threshold` (x -> 1 - x) of each image with probability `probability`.
+
+    PIL's `ImageOps.solarize` (the official recipe) inverts pixels >= 128 of 255;
+    on [0, 1] images that is the middle of the range, 0.5.
+
+    Args:
+        probability: chance per image (paper: 0.0 for view a, 0.2 for view b).
+        threshold: in [0, 1].
+        seed: int seed of the layer's own generator.
+
+    Example:
+    >>> RandomSolarize(1.0)(tf.constant([[[[0.2], [0.8]]]])).numpy().ravel()
+    array([0.2, 0.2], dtype=float32)
+    """
+
+    def __init__(self, probability=0.2, threshold=0.5, seed=None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.probability = _probability("probability", probability)
+        self.threshold = _strength("threshold", threshold, high=1.0)
+
+    def augment(self, images, seed):
+        if self.probability == 0.0:
+            return images
+        solarize = _bernoulli(seed, tf.shape(images)[0], self.probability)
+        solarized = tf.where(images >= self.threshold, 1.0 - images, images)
+        return _where_images(solarize, solarized, images)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(probability=self.probability, threshold=self.threshold)
+        return config
+
+
+# -- one view, two views -----------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ViewPipeline(_ImageAugmentation):
+    """One view of the VICReg recipe: crop, flip, color jitter, grayscale, blur, solarize, normalize.
+
+    Every probability is per image. The defaults are the paper's view a; see
+    `paper_views` for the asymmetric pair. Output float32 in [0, 1], or
+    (x - mean) / std when `mean` and `std` are given (off by default: the
+    backbones normalize their own input).
+
+    Args:
+        image_size: output size, int or (height, width).
+        crop_area: (min, max) area fraction of the random resized crop.
+        crop_aspect: (min, max) aspect ratio of the crop.
+        flip_prob: horizontal flip probability.
+        jitter_prob: probability of color jitter.
+        brightness, contrast, saturation, hue: color jitter strengths (torchvision semantics).
+        grayscale_prob: probability of converting to gray.
+        blur_prob: probability of Gaussian blur.
+        blur_sigma: (min, max) blur sigma in pixels.
+        solarize_prob: probability of solarization.
+        solarize_threshold: pixels >= it are inverted.
+        mean, std: optional per-channel normalization applied last.
+        seed: int seed of the pipeline's own generator (used when `call` gets no seed).
+
+    Example:
+    >>> view = ViewPipeline(32, blur_prob=0.1, solarize_prob=0.2, seed=0)
+    >>> view(tf.random.uniform((8, 32, 32, 3))).shape
+    TensorShape([8, 32, 32, 3])
+    """
+
+    def __init__(
+        self,
+        image_size,
+        crop_area=(0.08, 1.0),
+        crop_aspect=(3 / 4, 4 / 3),
+        flip_prob=0.5,
+        jitter_prob=0.8,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.2,
+        hue=0.1,
+        grayscale_prob=0.2,
+        blur_prob=1.0,
+        blur_sigma=(0.1, 2.0),
+        solarize_prob=0.0,
+        solarize_threshold=0.5,
+        mean=None,
+        std=None,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(seed=seed, **kwargs)
+        _check_view_knobs(
+            image_size=image_size, crop_area=crop_area, crop_aspect=crop_aspect, flip_prob=flip_prob,
+            jitter_prob=jitter_prob, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+            grayscale_prob=grayscale_prob, blur_prob=blur_prob, blur_sigma=blur_sigma,
+            solarize_prob=solarize_prob, solarize_threshold=solarize_threshold,
+        )
+        self.crop = RandomResizedCrop(image_size, crop_area, crop_aspect, name="crop")
+        self.flip = RandomHorizontalFlip(flip_prob, name="flip")
+        self.jitter = RandomColorJitter(jitter_prob, brightness, contrast, saturation, hue, name="color_jitter")
+        self.grayscale = RandomGrayscale(grayscale_prob, name="grayscale")
+        self.blur = RandomGaussianBlur(blur_prob, blur_sigma, name="blur")
+        self.solarize = RandomSolarize(solarize_prob, solarize_threshold, name="solarize")
+        self.mean = _channel_stats("mean", mean)
+        self.std = _channel_stats("std", std)
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"give both mean and std or neither, got mean={mean!r}, std={std!r}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {std!r}")
+        self.image_size = self.crop.image_size
+        self._steps = (self.crop, self.flip, self.jitter, self.grayscale, self.blur, self.solarize)
+
+    def augment(self, images, seed):
+        seeds = tf.random.experimental.stateless_split(seed, len(self._steps))
+        for k, step in enumerate(self._steps):
+            images = step.augment(images, seeds[k])
+        if self.mean is not None:
+            images = (images - tf.constant(self.mean)) / tf.constant(self.std)
+        return images
+
+    def compute_output_shape(self, input_shape):
+        return self.crop.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            image_size=self.image_size,
+            crop_area=self.crop.area,
+            crop_aspect=self.crop.aspect,
+            flip_prob=self.flip.probability,
+            jitter_prob=self.jitter.probability,
+            brightness=self.jitter.brightness,
+            contrast=self.jitter.contrast,
+            saturation=self.jitter.saturation,
+            hue=self.jitter.hue,
+            grayscale_prob=self.grayscale.probability,
+            blur_prob=self.blur.probability,
+            blur_sigma=self.blur.sigma,
+            solarize_prob=self.solarize.probability,
+            solarize_threshold=self.solarize.threshold,
+            mean=self.mean,
+            std=self.std,
+        )
+        return config
+
+
+def _as_view(view, name: str) -> ViewPipeline:
+    if isinstance(view, ViewPipeline):
+        return view
+    if isinstance(view, dict):
+        config = {k: v for k, v in view.items() if k not in ("name", "dtype", "trainable")}
+        return ViewPipeline(**config, name=name)
+    raise TypeError(f"{name} must be a ViewPipeline or its config dict, got {type(view).__name__}")
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class TwoViews(keras.layers.Layer):
+    """Two differently augmented views of each image: `call(images) -> (view_a, view_b)`.
+
+    The views use different pipelines (the paper's asymmetric blur and
+    solarization) and independent randomness. Both pipelines must produce the
+    same image size.
+
+    Args:
+        view_a, view_b: `ViewPipeline`s or their config dicts.
+        seed: int seed of the layer's own generator, used when `call` gets no
+            `seed`; the same seed gives the same views.
+
+    Example:
+    >>> views = paper_views(32, seed=0)
+    >>> view_a, view_b = views(tf.random.uniform((8, 32, 32, 3)))
+    >>> view_a.shape, view_b.shape
+    (TensorShape([8, 32, 32, 3]), TensorShape([8, 32, 32, 3]))
+    """
+
+    def __init__(self, view_a, view_b, seed=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.view_a = _as_view(view_a, "view_a")
+        self.view_b = _as_view(view_b, "view_b")
+        if self.view_a.image_size != self.view_b.image_size:
+            raise ValueError(
+                "both views must have the same image_size, got "
+                f"{self.view_a.image_size} for view a and {self.view_b.image_size} for view b"
+            )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.image_size = self.view_a.image_size
+        self.built = True
+
+    def call(self, images, seed=None):
+        if seed is None:
+            seed = self.seed_generator.next()
+        seed = tf.convert_to_tensor(seed)
+        if seed.dtype != tf.int32:
+            seed = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), _INT32_MAX), tf.int32)
+        seeds = tf.random.experimental.stateless_split(tf.ensure_shape(seed, [2]), 2)
+        return self.view_a(images, seed=seeds[0]), self.view_b(images, seed=seeds[1])
+
+    def compute_output_shape(self, input_shape):
+        shape = self.view_a.compute_output_shape(input_shape)
+        return shape, shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(view_a=self.view_a.get_config(), view_b=self.view_b.get_config(), seed=self.seed)
+        return config
+
+
+# -- presets -------------------------------------------------------------------------
+
+# Knobs per preset: (both views, view a only, view b only).
+_PRESETS = {
+    "paper": (
+        dict(
+            crop_area=(0.08, 1.0), crop_aspect=(3 / 4, 4 / 3), flip_prob=0.5, jitter_prob=0.8, brightness=0.4,
+            contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2, blur_sigma=(0.1, 2.0),
+        ),
+        dict(blur_prob=1.0, solarize_prob=0.0),
+        dict(blur_prob=0.1, solarize_prob=0.2),
+    ),
+    "grayscale": (
+        dict(crop_area=(0.2, 1.0), crop_aspect=(3 / 4, 4 / 3), flip_prob=0.5, jitter_prob=0.0, grayscale_prob=0.0,
+             blur_sigma=(0.1, 1.0)),
+        dict(blur_prob=0.5, solarize_prob=0.0),
+        dict(blur_prob=0.1, solarize_prob=0.2),
+    ),
+}
+
+
+def _view_knobs(preset: str, overrides: dict) -> tuple[dict, dict]:
+    """(view a knobs, view b knobs) of a preset with `overrides` for both and `view_a=`/`view_b=` for one."""
+    if preset not in _PRESETS:
+        raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
+    common, a, b = _PRESETS[preset]
+    overrides = dict(overrides)
+    only_a = dict(overrides.pop("view_a", None) or {})
+    only_b = dict(overrides.pop("view_b", None) or {})
+    return {**common, **a, **overrides, **only_a}, {**common, **b, **overrides, **only_b}
+
+
+def _two_views(image_size, seed, preset: str, overrides: dict) -> TwoViews:
+    knobs_a, knobs_b = _view_knobs(preset, overrides)
+    return TwoViews(
+        ViewPipeline(image_size, **knobs_a, name="view_a"),
+        ViewPipeline(image_size, **knobs_b, name="view_b"),
+        seed=seed,
+    )
+
+
+def paper_views(image_size, seed: int | None = None, **overrides) -> TwoViews:
+    """The paper's pair of views: blur 1.0 / 0.1 and solarization 0.0 / 0.2 for views a / b.
+
+    Args:
+        image_size: output size, int or (height, width).
+        seed: int seed; the same seed gives the same views.
+        **overrides: `ViewPipeline` arguments for both views, and `view_a={...}` /
+            `view_b={...}` for one of them.
+
+    Example:
+    >>> views = paper_views(32, seed=0)                      # CIFAR-10 sized
+    >>> views = paper_views(32, view_b={"solarize_prob": 0.1})
+    """
+    return _two_views(image_size, seed, "paper", overrides)
+
+
+def grayscale_views(image_size, seed: int | None = None, **overrides) -> TwoViews:
+    """Views for small one-channel images such as Fashion-MNIST (28x28).
+
+    No color operations (nothing to jitter or desaturate); crops keep at least
+    20% of the area, since 8% of a 28x28 image (an 8x8 patch) rarely shows the
+    object's class; blur sigma at most 1 pixel (2 pixels would erase 28x28
+    detail); the paper's asymmetry kept: blur 0.5 / 0.1, solarization 0.0 / 0.2.
+
+    Args:
+        image_size: output size, int or (height, width).
+        seed: int seed; the same seed gives the same views.
+        **overrides: `ViewPipeline` arguments for both views, and `view_a={...}` /
+            `view_b={...}` for one of them.
+
+    Example:
+    >>> views = grayscale_views(28, seed=0)
+    >>> view_a, view_b = views(tf.random.uniform((8, 28, 28, 1)))
+    """
+    return _two_views(image_size, seed, "grayscale", overrides)
+
+
+# -- the same recipe from KerasCV layers ---------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class KerasCVViewPipeline(keras.layers.Layer):
+    """One view of the VICReg recipe built from `keras_cv.layers`, with `ViewPipeline`'s arguments.
+
+    RandomCropAndResize, RandomFlip, then RandomApply of RandomColorJitter,
+    Grayscale, RandomGaussianBlur and Solarization, each with the recipe's
+    per-image probability (a probability of 1 applies the layer directly, 0
+    leaves it out). Images float32 in [0, 1]; `value_range=(0, 1)` is passed
+    to every layer that takes one.
+
+    Where KerasCV's parameters mean something else, the knobs are translated to
+    the nearest equivalent: brightness is additive in KerasCV (a shift of
+    +-brightness/2 of the range, torchvision's multiplicative change at
+    mid-gray); saturation `s` becomes KerasCV's factor range
+    [(1-s)/(2-s), (1+s)/(2+s)] (a saturation multiplier in [1-s, 1+s]); hue `h`
+    becomes factor 2h (a shift of at most h turns); the solarization threshold,
+    which KerasCV applies on a 0-255 scale whatever `value_range` says, is
+    passed as 255 * threshold. Remaining differences: the jitter order is fixed
+    (brightness, contrast, saturation, hue), saturation scales HSV saturation,
+    the crop's aspect ratio is uniform (not log-uniform) with no retries, blur
+    pads with zeros.
+
+    Randomness is KerasCV's: each layer draws from its own stateful generator
+    (seeded from `seed`), so the `seed` call argument is accepted for
+    compatibility with `TwoViews` but ignored, and a parallel `tf.data.map` is
+    not reproducible. Use `ViewPipeline` for reproducible, faster views.
+
+    Args:
+        image_size, crop_area, ..., std: as `ViewPipeline`, with `brightness` in
+            [0, 2] and `contrast` in [0, 1] (KerasCV's limits).
+        seed: int seed of the KerasCV layers' generators.
+
+    Example:
+    >>> view = KerasCVViewPipeline(32, blur_prob=0.1, solarize_prob=0.2, seed=0)
+    >>> view(tf.random.uniform((8, 40, 40, 3))).shape
+    TensorShape([8, 32, 32, 3])
+    """
+
+    def __init__(
+        self,
+        image_size,
+        crop_area=(0.08, 1.0),
+        crop_aspect=(3 / 4, 4 / 3),
+        flip_prob=0.5,
+        jitter_prob=0.8,
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.2,
+        hue=0.1,
+        grayscale_prob=0.2,
+        blur_prob=1.0,
+        blur_sigma=(0.1, 2.0),
+        solarize_prob=0.0,
+        solarize_threshold=0.5,
+        mean=None,
+        std=None,
+        seed=None,
+        **kwargs,
+    ):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        import keras_cv  # heavy import, only for users of these layers
+
+        knobs = _check_view_knobs(
+            image_size=image_size, crop_area=crop_area, crop_aspect=crop_aspect, flip_prob=flip_prob,
+            jitter_prob=jitter_prob, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue,
+            grayscale_prob=grayscale_prob, blur_prob=blur_prob, blur_sigma=blur_sigma,
+            solarize_prob=solarize_prob, solarize_threshold=solarize_threshold,
+        )
+        if knobs["brightness"] > 2.0:
+            raise ValueError(f"brightness must be in [0, 2] for KerasCV's RandomBrightness, got {brightness!r}")
+        if knobs["contrast"] > 1.0:
+            raise ValueError(f"contrast must be in [0, 1] for KerasCV's RandomContrast, got {contrast!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.knobs = knobs
+        self.image_size = knobs["image_size"]
+        self.mean = _channel_stats("mean", mean)
+        self.std = _channel_stats("std", std)
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"give both mean and std or neither, got mean={mean!r}, std={std!r}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {std!r}")
+        self.seed = seed
+        layers = keras_cv.layers
+
+        def layer_seed(k):
+            # Distinct seed per layer; KerasCV's vectorised base treats seed 0 as unseeded.
+            return None if seed is None else seed * 16 + k + 1
+
+        def maybe(layer, probability, k):
+            if probability == 0.0:
+                return None
+            if probability == 1.0:
+                return layer
+            return layers.RandomApply(layer, rate=probability, seed=layer_seed(k))
+
+        sat = knobs["saturation"]
+        low = max(0.0, 1.0 - sat)
+        radius = math.ceil(3.0 * knobs["blur_sigma"][1])
+        kernel = 2 * min(radius, (min(self.image_size) - 1) // 2) + 1
+        self.crop = layers.RandomCropAndResize(
+            self.image_size, crop_area_factor=knobs["crop_area"], aspect_ratio_factor=knobs["crop_aspect"],
+            seed=layer_seed(0),
+        )
+        self.flip = layers.RandomFlip("horizontal", rate=knobs["flip_prob"], seed=layer_seed(1))
+        self.jitter = maybe(
+            layers.RandomColorJitter(
+                value_range=(0, 1),
+                brightness_factor=knobs["brightness"] / 2,
+                contrast_factor=knobs["contrast"],
+                saturation_factor=(low / (1.0 + low), (1.0 + sat) / (2.0 + sat)),
+                hue_factor=2.0 * knobs["hue"],
+                seed=layer_seed(2),
+            ),
+            knobs["jitter_prob"], 3,
+        )
+        self.grayscale = maybe(layers.Grayscale(output_channels=3), knobs["grayscale_prob"], 4)
+        self.blur = maybe(
+            layers.RandomGaussianBlur(kernel_size=kernel, factor=knobs["blur_sigma"], seed=layer_seed(5)),
+            knobs["blur_prob"], 6,
+        )
+        threshold = 255.0 * knobs["solarize_threshold"]
+        self.solarize = maybe(
+            layers.Solarization(value_range=(0, 1), threshold_factor=(threshold, threshold), seed=layer_seed(7)),
+            knobs["solarize_prob"], 8,
+        )
+        self.built = True
+
+    def call(self, images, seed=None):
+        del seed  # KerasCV layers draw from their own stateful generators
+        images = _as_float_images(images)
+        color = images.shape[-1] == 3
+        for layer in (self.crop, self.flip, self.jitter if color else None, self.grayscale if color else None,
+                      self.blur, self.solarize):
+            if layer is not None:
+                images = layer(images)
+        images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 1.0)
+        if self.mean is not None:
+            images = (images - tf.constant(self.mean)) / tf.constant(self.std)
+        return images
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-3], *self.image_size, input_shape[-1])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self.knobs, mean=self.mean, std=self.std, seed=self.seed)
+        return config
+
+
+def _as_kerascv_view(view, name: str) -> KerasCVViewPipeline:
+    if isinstance(view, KerasCVViewPipeline):
+        return view
+    if isinstance(view, dict):
+        config = {k: v for k, v in view.items() if k not in ("name", "dtype", "trainable")}
+        return KerasCVViewPipeline(**config, name=name)
+    raise TypeError(f"{name} must be a KerasCVViewPipeline or its config dict, got {type(view).__name__}")
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class KerasCVTwoViews(keras.layers.Layer):
+    """`TwoViews` built from KerasCV layers: `call(images, seed=None) -> (view_a, view_b)`.
+
+    A drop-in for `TwoViews` (same call signature, same recipe); the `seed`
+    call argument is ignored (KerasCV's randomness is stateful, see
+    `KerasCVViewPipeline`). Build it with `kerascv_views`.
+
+    Args:
+        view_a, view_b: `KerasCVViewPipeline`s or their config dicts.
+
+    Example:
+    >>> views = kerascv_views(32, seed=0)
+    >>> view_a, view_b = views(tf.random.uniform((4, 32, 32, 3)))
+    """
+
+    def __init__(self, view_a, view_b, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.view_a = _as_kerascv_view(view_a, "view_a")
+        self.view_b = _as_kerascv_view(view_b, "view_b")
+        if self.view_a.image_size != self.view_b.image_size:
+            raise ValueError(
+                "both views must have the same image_size, got "
+                f"{self.view_a.image_size} for view a and {self.view_b.image_size} for view b"
+            )
+        self.image_size = self.view_a.image_size
+        self.built = True
+
+    def call(self, images, seed=None):
+        return self.view_a(images), self.view_b(images)
+
+    def compute_output_shape(self, input_shape):
+        shape = self.view_a.compute_output_shape(input_shape)
+        return shape, shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(view_a=self.view_a.get_config(), view_b=self.view_b.get_config())
+        return config
+
+
+def kerascv_views(image_size, seed: int | None = None, preset: str = "paper", **overrides) -> KerasCVTwoViews:
+    """The recipe of `paper_views` (or `grayscale_views`, `preset="grayscale"`) from KerasCV layers.
+
+    For users who want `keras_cv.layers` to make the paired views. Same
+    probabilities and knobs as the default layers; slower, and not
+    reproducible in a parallel `tf.data.map` (see `KerasCVViewPipeline`).
+
+    Args:
+        image_size: output size, int or (height, width).
+        seed: int seed of the KerasCV layers' generators.
+        preset: "paper" or "grayscale".
+        **overrides: `ViewPipeline` arguments for both views, and `view_a={...}` /
+            `view_b={...}` for one of them.
+
+    Example:
+    >>> views = kerascv_views(32, seed=0)
+    >>> view_a, view_b = views(tf.random.uniform((4, 32, 32, 3)))
+    >>> view_a.shape
+    TensorShape([4, 32, 32, 3])
+    """
+    knobs_a, knobs_b = _view_knobs(preset, overrides)
+    seed_a = seed_b = None
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        seed_a, seed_b = 2 * seed, 2 * seed + 1
+    return KerasCVTwoViews(
+        KerasCVViewPipeline(image_size, **knobs_a, seed=seed_a, name="view_a"),
+        KerasCVViewPipeline(image_size, **knobs_b, seed=seed_b, name="view_b"),
+    )

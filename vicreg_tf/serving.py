@@ -1,0 +1,656 @@
+"""Export a backbone for TF Serving, and clients for a running model server.
+
+The export is a SavedModel in TF Serving's layout, written with Keras 3's
+`keras.export.ExportArchive`:
+
+    BASE/models.config                      text-format ModelServerConfig
+    BASE/NAME/<version>/saved_model.pb
+    BASE/NAME/<version>/variables/
+    BASE/NAME/<version>/assets.extra/tf_serving_warmup_requests
+
+Signatures (BatchNorm on moving statistics, any batch size):
+
+    serving_default    images: float32 [None, H, W, C] in [0, 1]  -> {"embedding": float32 [None, F]}
+    serve_image_bytes  image_bytes: string [None] (JPEG/PNG/BMP/GIF) -> {"embedding": float32 [None, F]}
+    serve_projection   images (as serving_default) -> {"embedding", "projection"}  (only with a projector)
+
+The bytes signature decodes each image to C channels (RGB <-> grayscale as
+needed; a GIF gives its first frame), scales it to [0, 1] and resizes it to
+(H, W) with bilinear interpolation, without antialiasing and without keeping
+the aspect ratio (as `keras.layers.Resizing`); an image already H x W is passed
+through unchanged. All of it runs inside the graph: the server needs no Python.
+
+A version directory appears only when it is complete: everything is written to
+a hidden sibling (`.tmp-export-*`, which TF Serving ignores because only
+integer-named directories are versions) and renamed at the end.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+SERVING_DEFAULT = "serving_default"
+SERVE_IMAGE_BYTES = "serve_image_bytes"
+SERVE_PROJECTION = "serve_projection"
+IMAGES_INPUT = "images"
+IMAGE_BYTES_INPUT = "image_bytes"
+EMBEDDING_OUTPUT = "embedding"
+PROJECTION_OUTPUT = "projection"
+WARMUP_FILE = "tf_serving_warmup_requests"
+MODELS_CONFIG = "models.config"
+_TMP_PREFIX = ".tmp-export-"
+# TF Serving reads at most 1000 warmup records.
+_MAX_WARMUP_RECORDS = 1000
+
+
+# --------------------------------------------------------------------------- export
+
+
+def backbone_io_shape(backbone: keras.Model) -> tuple[tuple[int, int, int], int]:
+    """Returns ((H, W, C), F) of a backbone, or raises ValueError if it is not one.
+
+    A backbone is a Keras model with one image input (None, H, W, C) of known
+    size and one output (None, F).
+    """
+    if not isinstance(backbone, keras.Model):
+        raise TypeError(f"expected a keras.Model backbone, got {type(backbone).__name__}")
+    try:
+        in_shape, out_shape = backbone.input_shape, backbone.output_shape
+    except (AttributeError, ValueError) as e:
+        raise ValueError(
+            f"backbone {backbone.name!r} has no known input/output shape (build it or use a "
+            f"functional model): {e}"
+        ) from e
+    if (
+        not isinstance(in_shape, tuple)
+        or len(in_shape) != 4
+        or any(d is None for d in in_shape[1:])
+    ):
+        raise ValueError(
+            f"backbone {backbone.name!r} must take one image input (None, H, W, C) with known "
+            f"H, W, C; got input_shape={in_shape!r}"
+        )
+    if not isinstance(out_shape, tuple) or len(out_shape) != 2 or out_shape[-1] is None:
+        raise ValueError(
+            f"backbone {backbone.name!r} must return one feature vector (None, F); got "
+            f"output_shape={out_shape!r}"
+        )
+    h, w, c = (int(d) for d in in_shape[1:])
+    return (h, w, c), int(out_shape[-1])
+
+
+def next_version(model_dir: str | os.PathLike) -> int:
+    """The next free version number in `model_dir`: 1 + the largest integer-named subdirectory.
+
+    Non-integer names (temporary `.tmp-export-*` directories, files) are ignored, as
+    TF Serving ignores them. A missing `model_dir` gives 1.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return 1
+    versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def decode_images(image_bytes: tf.Tensor, height: int, width: int, channels: int) -> tf.Tensor:
+    """Decodes a batch of encoded images into float32 (N, height, width, channels) in [0, 1].
+
+    This is the preprocessing of the `serve_image_bytes` signature, usable on its
+    own (e.g. in `tf.data`) so that clients can reproduce it exactly.
+    """
+
+    def decode_one(data):
+        image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+        image = tf.image.convert_image_dtype(image, tf.float32)  # uint8/uint16 -> [0, 1]
+        # Bilinear resize to the same size is the identity (checked in the tests).
+        image = tf.image.resize(image, (height, width), method="bilinear")
+        return tf.ensure_shape(image, (height, width, channels))
+
+    return tf.map_fn(
+        decode_one,
+        image_bytes,
+        fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32),
+    )
+
+
+def _build_archive(backbone: keras.Model, projector: keras.Model | None) -> keras.export.ExportArchive:
+    (h, w, c), features = backbone_io_shape(backbone)
+    images_spec = tf.TensorSpec((None, h, w, c), tf.float32, name=IMAGES_INPUT)
+    bytes_spec = tf.TensorSpec((None,), tf.string, name=IMAGE_BYTES_INPUT)
+
+    archive = keras.export.ExportArchive()
+    archive.track(backbone)
+    # serving_default is added first and explicitly, so it is the float signature.
+    archive.add_endpoint(
+        name=SERVING_DEFAULT,
+        fn=lambda images: {EMBEDDING_OUTPUT: backbone(images, training=False)},
+        input_signature=[images_spec],
+    )
+    archive.add_endpoint(
+        name=SERVE_IMAGE_BYTES,
+        fn=lambda image_bytes: {
+            EMBEDDING_OUTPUT: backbone(decode_images(image_bytes, h, w, c), training=False)
+        },
+        input_signature=[bytes_spec],
+    )
+    if projector is not None:
+        if not projector.built:
+            # Variables must exist before tracing, or the export would create them in a tf.function.
+            projector.build((None, features))
+        archive.track(projector)
+
+        def serve_projection(images):
+            embedding = backbone(images, training=False)
+            return {
+                EMBEDDING_OUTPUT: embedding,
+                PROJECTION_OUTPUT: projector(embedding, training=False),
+            }
+
+        archive.add_endpoint(
+            name=SERVE_PROJECTION, fn=serve_projection, input_signature=[images_spec]
+        )
+    return archive
+
+
+def _default_warmup_images(shape: tuple[int, int, int], n: int) -> np.ndarray:
+    # Deterministic noise: exercises the same kernels as real images.
+    return np.random.default_rng(0).random((n, *shape), dtype=np.float32)
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+    return tf.io.encode_png(tf.convert_to_tensor(np.round(image * 255.0).astype(np.uint8))).numpy()
+
+
+def _write_warmup(
+    path: Path,
+    model_name: str,
+    images: np.ndarray,
+    batch_sizes: Sequence[int],
+    signatures: Sequence[str],
+) -> int:
+    """Writes PredictionLog records (one per signature and batch size) as a TFRecord file."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for signature in signatures:
+            for batch_size in batch_sizes:
+                # Repeat the warmup images when a batch size exceeds how many there are.
+                batch = images[np.arange(batch_size) % len(images)]
+                request = predict_pb2.PredictRequest(
+                    model_spec=model_pb2.ModelSpec(name=model_name, signature_name=signature)
+                )
+                if signature == SERVE_IMAGE_BYTES:
+                    value = tf.make_tensor_proto([_encode_png(x) for x in batch], dtype=tf.string)
+                    request.inputs[IMAGE_BYTES_INPUT].CopyFrom(value)
+                else:
+                    request.inputs[IMAGES_INPUT].CopyFrom(tf.make_tensor_proto(batch))
+                log = prediction_log_pb2.PredictionLog(
+                    predict_log=prediction_log_pb2.PredictLog(request=request)
+                )
+                writer.write(log.SerializeToString())
+                count += 1
+    return count
+
+
+def write_models_config(
+    base_dir: str | os.PathLike,
+    names: Iterable[str],
+    *,
+    config_base_path: str | None = None,
+) -> Path:
+    """Writes (or updates) BASE/models.config, a text-format ModelServerConfig.
+
+    Pass it to the server as `--model_config_file=.../models.config`. Each model's
+    `base_path` is `config_base_path/NAME`, where `config_base_path` is the
+    directory *as the server sees it*: by default the absolute path of `base_dir`
+    on this machine (a server running here), or e.g. "/models" when `base_dir` is
+    mounted at /models in the tensorflow/serving container. Entries already in the
+    file for other models are kept; an entry for one of `names` keeps its other
+    fields (version policy, labels) and gets the new base_path.
+
+    Returns the path of the config file.
+    """
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    base_dir = Path(base_dir)
+    names = list(names)
+    for name in names:
+        _check_model_name(name)
+    root = config_base_path if config_base_path is not None else str(base_dir.resolve())
+    root = root.rstrip("/") or "/"
+
+    path = base_dir / MODELS_CONFIG
+    config = model_server_config_pb2.ModelServerConfig()
+    if path.exists():
+        try:
+            text_format.Parse(path.read_text(), config)
+        except text_format.ParseError as e:
+            raise ValueError(f"{path} exists but is not a text-format ModelServerConfig: {e}") from e
+    entries = {c.name: c for c in config.model_config_list.config}
+    for name in names:
+        entry = entries.get(name) or config.model_config_list.config.add(name=name)
+        entry.base_path = f"{root.rstrip('/')}/{name}"
+        entry.model_platform = "tensorflow"
+    base_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{MODELS_CONFIG}.tmp-{os.getpid()}")
+    tmp.write_text(text_format.MessageToString(config))
+    # A server polling the file (--model_config_file_poll_wait_seconds) never reads half of it.
+    os.replace(tmp, path)
+    return path
+
+
+def _check_model_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or name.isdigit():
+        raise ValueError(
+            f"model name must be a non-empty directory name without '/', not starting with '.' "
+            f"and not all digits (TF Serving would read it as a version); got {name!r}"
+        )
+
+
+def export_for_serving(
+    backbone: keras.Model,
+    base_dir: str | os.PathLike,
+    name: str,
+    *,
+    version: int | None = None,
+    projector: keras.Model | None = None,
+    warmup: bool = True,
+    warmup_images: np.ndarray | None = None,
+    warmup_batch_sizes: Sequence[int] = (1, 8),
+    write_config: bool = True,
+    config_base_path: str | None = None,
+) -> Path:
+    """Exports a backbone as BASE/NAME/<version>/, ready for TF Serving.
+
+    Writes the SavedModel (signatures in the module docstring), the warmup
+    requests and BASE/models.config. The version directory is renamed into place
+    only when complete; on any error nothing but the previous state remains.
+
+    Args:
+        backbone: a Keras model (None, H, W, C) float32 in [0, 1] -> (None, F).
+        base_dir: TF Serving's model base directory (BASE).
+        name: the model name (the directory under BASE, and the name clients use).
+        version: an integer version; default: the next free one. An existing
+            version is never overwritten (FileExistsError).
+        projector: optional expander (None, F) -> (None, D); adds the
+            `serve_projection` signature.
+        warmup: write assets.extra/tf_serving_warmup_requests.
+        warmup_images: float32 (N, H, W, C) in [0, 1] to warm up with; default
+            deterministic noise.
+        warmup_batch_sizes: one warmup record per signature and batch size.
+        write_config: write/update BASE/models.config.
+        config_base_path: BASE as the server sees it (see `write_models_config`).
+
+    Returns:
+        The version directory, BASE/NAME/<version>.
+
+    Example:
+    >>> from vicreg_tf.backbones import small_cnn
+    >>> export_for_serving(small_cnn((28, 28, 1)), "/tmp/models", "fmnist")  # doctest: +SKIP
+    PosixPath('/tmp/models/fmnist/1')
+    """
+    _check_model_name(name)
+    image_shape, _ = backbone_io_shape(backbone)
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
+        raise ValueError(f"version must be a non-negative integer, got {version!r}")
+    sizes = [int(b) for b in warmup_batch_sizes]
+    if warmup and (not sizes or min(sizes) < 1):
+        raise ValueError(f"warmup_batch_sizes must be positive integers, got {warmup_batch_sizes!r}")
+    if warmup_images is not None:
+        warmup_images = np.asarray(warmup_images, dtype=np.float32)
+        if warmup_images.ndim != 4 or warmup_images.shape[1:] != image_shape or not len(warmup_images):
+            raise ValueError(
+                f"warmup_images must be (N, {', '.join(map(str, image_shape))}) with N >= 1, got "
+                f"shape {warmup_images.shape}"
+            )
+
+    model_dir = Path(base_dir) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if version is None:
+        version = next_version(model_dir)
+    target = model_dir / str(version)
+    if target.exists():
+        raise FileExistsError(
+            f"{target} already exists; versions are never overwritten. Omit --version / "
+            f"version= to use the next free one ({next_version(model_dir)})."
+        )
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{version}-", dir=model_dir))
+    try:
+        # mkdtemp makes the directory 0700; a server running as another user
+        # (e.g. in a container) must be able to read the version directory.
+        os.chmod(tmp, 0o755)
+        archive = _build_archive(backbone, projector)
+        archive.write_out(str(tmp), verbose=False)
+        if warmup:
+            signatures = [SERVING_DEFAULT, SERVE_IMAGE_BYTES]
+            if projector is not None:
+                signatures.append(SERVE_PROJECTION)
+            if len(signatures) * len(sizes) > _MAX_WARMUP_RECORDS:
+                raise ValueError(f"at most {_MAX_WARMUP_RECORDS} warmup records; got {len(signatures) * len(sizes)}")
+            images = warmup_images if warmup_images is not None else _default_warmup_images(image_shape, max(sizes))
+            _write_warmup(tmp / "assets.extra" / WARMUP_FILE, name, images, sizes, signatures)
+        if target.exists():  # another exporter took this version meanwhile
+            raise FileExistsError(f"{target} appeared during the export; not overwriting it")
+        try:
+            # Atomic on one file system; fails (ENOTEMPTY) rather than replace a complete version.
+            os.rename(tmp, target)
+        except OSError as e:
+            if target.exists():
+                raise FileExistsError(f"{target} appeared during the export; not overwriting it") from e
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if write_config:
+        write_models_config(base_dir, [name], config_base_path=config_base_path)
+    return target
+
+
+# --------------------------------------------------------------------------- clients
+
+
+class ServingError(RuntimeError):
+    """A request to TF Serving failed: the server is unreachable, the model unknown, or the input bad.
+
+    Args:
+        message: what went wrong, naming the server address and the model.
+        kind: one of "unreachable", "timeout", "not_found", "bad_input", "server".
+    """
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _check_images(images) -> np.ndarray:
+    array = np.asarray(images)
+    if array.ndim != 4:
+        raise ValueError(
+            f"images must be a 4-D array (batch, height, width, channels), got shape {array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(
+            f"images must be floats in [0, 1], got dtype {array.dtype}; scale integer images "
+            "with x / 255 or send encoded files with embed_bytes()"
+        )
+    if len(array) == 0:
+        raise ValueError("images is an empty batch")
+    return array.astype(np.float32, copy=False)
+
+
+def _check_bytes(images) -> list[bytes]:
+    if isinstance(images, (bytes, bytearray, str)) or not isinstance(images, Sequence):
+        raise TypeError(
+            f"image bytes must be a list of encoded images (bytes), got {type(images).__name__}"
+        )
+    if not images:
+        raise ValueError("image bytes is an empty list")
+    for i, item in enumerate(images):
+        if not isinstance(item, (bytes, bytearray)):
+            raise TypeError(f"image bytes[{i}] must be bytes (an encoded JPEG/PNG), got {type(item).__name__}")
+    return [bytes(b) for b in images]
+
+
+class GrpcClient:
+    """Client for TF Serving's gRPC PredictionService (port 8500), returning NumPy embeddings.
+
+    Args:
+        target: "host:port" of the server.
+        model_name: the served model's name (the directory under the base path).
+        signature_name: the float-image signature used by `embed`.
+        bytes_signature_name: the encoded-image signature used by `embed_bytes`.
+        version: a specific version to query; default the latest the server serves.
+        timeout: seconds per request.
+
+    Example:
+    >>> with GrpcClient("localhost:8500", "fmnist") as client:  # doctest: +SKIP
+    ...     embeddings = client.embed(images)  # float32 (N, H, W, C) in [0, 1] -> (N, F)
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:8500",
+        model_name: str = "vicreg",
+        *,
+        signature_name: str = SERVING_DEFAULT,
+        bytes_signature_name: str = SERVE_IMAGE_BYTES,
+        version: int | None = None,
+        timeout: float = 10.0,
+    ):
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        self.target = target
+        self.model_name = model_name
+        self.signature_name = signature_name
+        self.bytes_signature_name = bytes_signature_name
+        self.version = version
+        self.timeout = float(timeout)
+        # TF Serving accepts messages up to 2 GiB; gRPC's client default receive limit is 4 MiB.
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+        )
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Embeds float32 images (N, H, W, C) in [0, 1]; returns float32 (N, F)."""
+        array = _check_images(images)
+        return self._predict(self.signature_name, IMAGES_INPUT, tf.make_tensor_proto(array))
+
+    def embed_bytes(self, images: Sequence[bytes]) -> np.ndarray:
+        """Embeds encoded JPEG/PNG images; the server decodes and resizes them. Returns (N, F)."""
+        data = _check_bytes(images)
+        proto = tf.make_tensor_proto(data, dtype=tf.string, shape=[len(data)])
+        return self._predict(self.bytes_signature_name, IMAGE_BYTES_INPUT, proto)
+
+    def predict(self, signature_name: str, inputs: dict) -> dict[str, np.ndarray]:
+        """Runs any signature with {input name: array}; returns {output name: array}."""
+        request = self._request(signature_name)
+        for key, value in inputs.items():
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+        response = self._call(request)
+        return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
+
+    def _request(self, signature_name: str):
+        from tensorflow_serving.apis import predict_pb2
+
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = self.model_name
+        request.model_spec.signature_name = signature_name
+        if self.version is not None:
+            request.model_spec.version.value = int(self.version)
+        return request
+
+    def _predict(self, signature_name: str, input_name: str, proto) -> np.ndarray:
+        request = self._request(signature_name)
+        request.inputs[input_name].CopyFrom(proto)
+        response = self._call(request)
+        if EMBEDDING_OUTPUT not in response.outputs:
+            raise ServingError(
+                f"TF Serving at {self.target}, model {self.model_name!r}, signature "
+                f"{signature_name!r} returned outputs {sorted(response.outputs)}, not "
+                f"{EMBEDDING_OUTPUT!r}: is this a vicreg-export model?",
+                "server",
+            )
+        return tf.make_ndarray(response.outputs[EMBEDDING_OUTPUT])
+
+    def _call(self, request):
+        import grpc
+
+        try:
+            return self._stub.Predict(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise self._error(e, request.model_spec.signature_name) from None
+
+    def _error(self, e, signature_name: str) -> ServingError:
+        import grpc
+
+        code, details = e.code(), e.details()
+        where = f"TF Serving at {self.target} (gRPC), model {self.model_name!r}"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ServingError(
+                f"{where}: server unreachable ({details}); is tensorflow_model_server running "
+                "with --port (gRPC, default 8500) at this address?",
+                "unreachable",
+            )
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ServingError(f"{where}: no answer within {self.timeout:g} s ({details})", "timeout")
+        if code == grpc.StatusCode.NOT_FOUND:
+            version = f" version {self.version}" if self.version is not None else ""
+            return ServingError(
+                f"{where}{version}: model not found on the server ({details}); check the model "
+                "name and that the server has loaded it",
+                "not_found",
+            )
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+            return ServingError(
+                f"{where}, signature {signature_name!r}: bad input ({details})", "bad_input"
+            )
+        return ServingError(f"{where}: request failed with {code.name} ({details})", "server")
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "GrpcClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RestClient:
+    """Client for TF Serving's REST API (port 8501), returning NumPy embeddings; stdlib only.
+
+    Images are sent in the row ("instances") format; encoded images as
+    {"b64": ...}, as TF Serving requires for binary strings.
+
+    Args:
+        url: the server's REST root, e.g. "http://localhost:8501".
+        model_name: the served model's name.
+        signature_name: the float-image signature used by `embed`.
+        bytes_signature_name: the encoded-image signature used by `embed_bytes`.
+        version: a specific version to query; default the latest the server serves.
+        timeout: seconds per request.
+
+    Example:
+    >>> client = RestClient("http://localhost:8501", "fmnist")  # doctest: +SKIP
+    >>> client.embed_bytes([open("shoe.png", "rb").read()]).shape  # doctest: +SKIP
+    (1, 128)
+    """
+
+    def __init__(
+        self,
+        url: str = "http://localhost:8501",
+        model_name: str = "vicreg",
+        *,
+        signature_name: str = SERVING_DEFAULT,
+        bytes_signature_name: str = SERVE_IMAGE_BYTES,
+        version: int | None = None,
+        timeout: float = 10.0,
+    ):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        self.model_name = model_name
+        self.signature_name = signature_name
+        self.bytes_signature_name = bytes_signature_name
+        self.version = version
+        self.timeout = float(timeout)
+
+    @property
+    def predict_url(self) -> str:
+        version = f"/versions/{int(self.version)}" if self.version is not None else ""
+        return f"{self.url}/v1/models/{self.model_name}{version}:predict"
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """Embeds float32 images (N, H, W, C) in [0, 1]; returns float32 (N, F)."""
+        array = _check_images(images)
+        return self._embedding(self.signature_name, array.tolist())
+
+    def embed_bytes(self, images: Sequence[bytes]) -> np.ndarray:
+        """Embeds encoded JPEG/PNG images; the server decodes and resizes them. Returns (N, F)."""
+        data = _check_bytes(images)
+        instances = [{"b64": base64.b64encode(b).decode("ascii")} for b in data]
+        return self._embedding(self.bytes_signature_name, instances)
+
+    def predict(self, body: dict) -> dict:
+        """POSTs a raw predict request body; returns the decoded JSON answer."""
+        where = f"TF Serving at {self.url} (REST), model {self.model_name!r}"
+        request = urllib.request.Request(
+            self.predict_url,
+            data=json.dumps(body).encode("utf-8"),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                return json.loads(answer.read())
+        except urllib.error.HTTPError as e:
+            message = _error_text(e)
+            signature = body.get("signature_name", SERVING_DEFAULT)
+            if e.code == 404:
+                version = f" version {self.version}" if self.version is not None else ""
+                raise ServingError(
+                    f"{where}{version}: model not found on the server (HTTP 404: {message}); "
+                    "check the model name and that the server has loaded it",
+                    "not_found",
+                ) from None
+            if e.code == 400:
+                raise ServingError(
+                    f"{where}, signature {signature!r}: bad input (HTTP 400: {message})", "bad_input"
+                ) from None
+            raise ServingError(f"{where}: HTTP {e.code} ({message})", "server") from None
+        except (TimeoutError, socket.timeout):
+            raise ServingError(f"{where}: no answer within {self.timeout:g} s", "timeout") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                raise ServingError(f"{where}: no answer within {self.timeout:g} s", "timeout") from None
+            raise ServingError(
+                f"{where}: server unreachable ({e.reason}); is tensorflow_model_server running "
+                "with --rest_api_port (default 8501) at this address?",
+                "unreachable",
+            ) from None
+        except (ConnectionError, json.JSONDecodeError) as e:
+            raise ServingError(f"{where}: broken answer ({e})", "server") from None
+
+    def _embedding(self, signature_name: str, instances: list) -> np.ndarray:
+        answer = self.predict({"signature_name": signature_name, "instances": instances})
+        predictions = answer.get("predictions")
+        if predictions is None:
+            raise ServingError(
+                f"TF Serving at {self.url}, model {self.model_name!r}: answer has no 'predictions' "
+                f"(keys {sorted(answer)})",
+                "server",
+            )
+        # One output: rows are the vectors; several outputs: rows are dicts by output name.
+        if predictions and isinstance(predictions[0], dict):
+            predictions = [row[EMBEDDING_OUTPUT] for row in predictions]
+        return np.asarray(predictions, dtype=np.float32)
+
+
+def _error_text(e: urllib.error.HTTPError) -> str:
+    try:
+        body = e.read().decode("utf-8", "replace")
+    except OSError:
+        return e.reason or ""
+    try:
+        return str(json.loads(body).get("error", body))
+    except (json.JSONDecodeError, AttributeError):
+        return body.strip() or str(e.reason)
