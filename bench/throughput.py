@@ -42,6 +42,9 @@ VARIANTS = {
     "tf": ("tf", {}),
     "tf_xla": ("tf", {"jit_compile": True}),
     "tf_bf16": ("tf", {"mixed_precision": "mixed_bfloat16"}),
+    # Experiment: plain BatchNormalization (not synchronized) in backbone and expander; with one
+    # replica the result is the same, but Keras' synchronized moments cost extra passes.
+    "tf_unsynced_bn": ("tf", {"unsynced_bn": True}),
     "torch_lightly": ("torch", {"loss": "lightly"}),
     "torch_official": ("torch", {"loss": "official"}),
 }
@@ -49,6 +52,7 @@ LABELS = {
     "tf": "vicreg-tf (tf.function)",
     "tf_xla": "vicreg-tf, jit_compile=True",
     "tf_bf16": "vicreg-tf, mixed_bfloat16",
+    "tf_unsynced_bn": "vicreg-tf, BN not synchronized (experiment)",
     "torch_lightly": "PyTorch + lightly VICRegLoss",
     "torch_official": "PyTorch + official formula",
 }
@@ -134,7 +138,7 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _serve(step, components) -> None:
+def _serve(step, components, profile=None) -> None:
     """The worker loop: `run N` times N steps (N intervals between N + 1 step ends)."""
     for line in sys.stdin:
         command, _, arg = line.strip().partition(" ")
@@ -144,6 +148,8 @@ def _serve(step, components) -> None:
             out = step(int(arg))
         elif command == "components":
             out = components(int(arg))
+        elif command == "profile" and profile is not None:
+            out = profile(int(arg))
         else:
             out = {"error": f"unknown command {command!r}"}
         out["rss_mib"] = _rss_mib()
@@ -163,7 +169,14 @@ def _tf_worker(spec: dict) -> None:
     keras.utils.set_random_seed(0)
     h, w, c = NETWORKS[spec["network"]]
     backbone = getattr(backbones, spec["network"])((h, w, c))
-    model = vicreg_tf.VICReg(backbone, projector=spec["expander"])
+    if spec.get("unsynced_bn"):
+        expander = vicreg_tf.build_projector(spec["expander"])
+        for layer in expander.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = False
+        model = vicreg_tf.VICReg(backbone, projector=expander, sync_batchnorm=False)
+    else:
+        model = vicreg_tf.VICReg(backbone, projector=spec["expander"])
     batch = spec["batch"]
     lr = vicreg_tf.warmup_cosine(vicreg_tf.scaled_learning_rate(LR_BASE, batch), TOTAL_STEPS, WARMUP_STEPS)
     model.compile(optimizer=vicreg_tf.LARS(lr, weight_decay=WEIGHT_DECAY), jit_compile=bool(spec.get("jit_compile")))
@@ -216,7 +229,50 @@ def _tf_worker(spec: dict) -> None:
                                   "threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                                               tf.config.threading.get_inter_op_parallelism_threads()],
                                   "version": tf.__version__}), flush=True)
-    _serve(step, components)
+    _serve(step, components, lambda n: _tf_profile(step, n))
+
+
+def _op_category(name: str) -> str:
+    op_type = name.rsplit(":", 1)[-1]
+    if "/lars/" in name or name.startswith("lars/"):
+        return "LARS update"
+    if op_type in ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter", "MatMul", "BatchMatMulV2"):
+        return op_type
+    if "/bn" in name or "batch_normalization" in name.lower():
+        return "BatchNorm (elementwise, fwd + bwd)"
+    return "other (ReLU, pooling, loss, casts, ...)"
+
+
+def _tf_profile(step, n: int) -> dict:
+    """Runs n steps under tf.profiler and sums op time per category from the XPlane trace
+    (op events on the executor threads; the Eigen work inside them is not counted twice)."""
+    import collections
+    import glob
+    import shutil
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    logdir = tempfile.mkdtemp(prefix="vicreg_profile_")
+    tf.profiler.experimental.start(logdir)
+    timed = step(n)
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[-1], "rb").read())
+    shutil.rmtree(logdir, ignore_errors=True)
+    totals = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if ":" not in name or name.startswith(("ThreadpoolListener", "ExecutorState")):
+                    continue
+                totals[_op_category(name)] += event.duration_ps / 1e9
+    steps = n + 1
+    return {"ms_per_step": {k: v / steps for k, v in totals.most_common()}, "step_s": timed["step_s"]}
 
 
 def _torch_worker(spec: dict) -> None:
@@ -253,7 +309,7 @@ def _torch_worker(spec: dict) -> None:
         for _ in range(n):
             t0 = time.perf_counter()
             z_a, z_b = model.embed(views[0]), model.embed(views[1])
-            float(z_a.sum() + z_b.sum())
+            float((z_a.sum() + z_b.sum()).detach())
             out["forward"].append(time.perf_counter() - t0)
             del z_a, z_b
             optimizer.zero_grad()
@@ -280,15 +336,31 @@ def _summary(runs: list[dict], batch: int) -> dict:
         "images_per_s_reps": per_rep,
         "step_ms_median": 1000 * statistics.median(s for r in runs for s in r["step_s"]),
         "loss_last": runs[-1]["loss"],
+        "load_avg_1min": [r.get("load_before") for r in runs],
     }
 
 
+def _ratio_text(r: dict, peer: dict) -> str:
+    """Ratio of medians, and in brackets the median of the per-repetition ratios (each TF
+    repetition against the peer's repetition of the same round: less sensitive to load drift)."""
+    of_medians = r["images_per_s_median"] / peer["images_per_s_median"]
+    paired = [a / b for a, b in zip(r["images_per_s_reps"], peer["images_per_s_reps"])]
+    if r.get("probe") or len(paired) < 2:
+        return f"{of_medians:.2f}x"
+    return f"{of_medians:.2f}x ({statistics.median(paired):.2f}x)"
+
+
 def markdown(payload: dict) -> str:
+    payload["loads"] = [l for vs in payload["results"].values() for r in vs.values() for l in r.get("load_avg_1min", []) if l]
     out = [f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores; date {payload['machine']['date']}; "
            f"batch {payload['batch']} (two views each), expander {payload['expander']}, "
-           f"{payload['warmup']} warm-up + {{steps}} timed steps x {payload['reps']} alternating repetitions; "
-           f"images/s = batch / step time, median of repetitions.\n"]
-    out[0] = out[0].replace("{steps}", "/".join(str(s) for s in payload["steps"].values()))
+           f"{{warmup}} warm-up + {{steps}} timed steps x {payload['reps']} alternating repetitions; "
+           f"images/s = batch / step time, median of repetitions. "
+           f"1-minute load average during the timings (other users share these cores): "
+           f"{min(payload['loads'] or [0]):.1f}-{max(payload['loads'] or [0]):.1f}.\n"]
+    out[0] = out[0].replace("{steps}", "/".join(str(s) for s in payload["steps"].values()) + " (per network)")
+    warm = payload["warmup"]
+    out[0] = out[0].replace("{warmup}", "/".join(str(s) for s in warm.values()) if isinstance(warm, dict) else str(warm))
     rows = []
     for network, variants in payload["results"].items():
         peers = {k: v["images_per_s_median"] for k, v in variants.items() if k.startswith("torch") and "images_per_s_median" in v}
@@ -297,11 +369,13 @@ def markdown(payload: dict) -> str:
                 rows.append([network, LABELS[variant], r.get("error", "n/a"), "", "", "", ""])
                 continue
             reps = r["images_per_s_reps"]
-            ratio = lambda peer: f"{r['images_per_s_median'] / peers[peer]:.2f}x" if peer in peers else "-"
-            rows.append([network, LABELS[variant], f"{r['images_per_s_median']:.1f}",
+            ratio = lambda peer: _ratio_text(r, variants.get(peer)) if peer in peers else "-"
+            label = LABELS[variant] + (" (probe: 2 steps, once)" if r.get("probe") else "")
+            rows.append([network, label, f"{r['images_per_s_median']:.1f}",
                          f"{min(reps):.1f}-{max(reps):.1f}", f"{r['step_ms_median']:.0f}",
                          ratio("torch_lightly"), ratio("torch_official")])
     out.append(md_table(["network", "implementation", "images/s (median)", "range", "step ms", "vs torch+lightly", "vs torch+official"], rows))
+    out.append("Ratios: of the medians, and (in brackets) the median of per-repetition ratios.\n")
     comps = payload.get("components", {})
     if comps:
         out.append("\nComponents (median ms of one call: both views through backbone + expander; + loss + backward;"
@@ -314,6 +388,16 @@ def markdown(payload: dict) -> str:
                 crow.append([network, LABELS[variant], f"{fwd:.0f}", f"{fb:.0f}", f"{fb - fwd:.0f}",
                              f"{step_ms:.0f}" if step_ms else "-", f"{step_ms - fb:.0f}" if step_ms else "-"])
         out.append(md_table(["network", "implementation", "forward ms", "fwd+loss+bwd ms", "loss+bwd ms", "step ms", "optimizer+overhead ms"], crow))
+    prof = payload.get("profile", {})
+    if prof:
+        out.append("\nWhere vicreg-tf's step time goes (tf.profiler, op time summed per category, ms per step; "
+                   "ops may overlap across the inter-op threads):\n")
+        prow = []
+        for network, variants in prof.items():
+            for variant, p in variants.items():
+                for category, ms in p["ms_per_step"].items():
+                    prow.append([network, LABELS[variant], category, f"{ms:.0f}"])
+        out.append(md_table(["network", "implementation", "op category", "ms / step"], prow))
     return "\n".join(out)
 
 
@@ -326,22 +410,36 @@ def run(args) -> dict:
         print(f"note: {args.peer_python} missing, PyTorch peers skipped (see bench/requirements-peer.txt)")
         variants = [v for v in variants if VARIANTS[v][0] != "torch"]
     networks = [n for n in args.networks.split(",") if n]
-    steps = {n: (args.resnet_steps if n == "resnet18_cifar" and args.resnet_steps else args.steps) for n in networks}
-    payload = {"machine": machine(), "batch": args.batch, "expander": args.expander, "warmup": args.warmup,
-               "steps": steps, "reps": args.reps, "variants": variants, "results": {}, "components": {},
-               "workers": {}, "command": "python -m bench.throughput " + " ".join(args.argv)}
+    resnet = lambda n: n == "resnet18_cifar"
+    steps = {n: (args.resnet_steps if resnet(n) and args.resnet_steps else args.steps) for n in networks}
+    warmups = {n: (args.resnet_warmup if resnet(n) and args.resnet_warmup else args.warmup) for n in networks}
+    network_variants = {n: ([v for v in args.resnet_variants.split(",") if v in variants] if resnet(n) and args.resnet_variants
+                            else variants) for n in networks}
+    payload = {"machine": machine(), "batch": args.batch, "expander": args.expander, "warmup": warmups,
+               "steps": steps, "reps": args.reps, "variants": network_variants, "results": {}, "components": {},
+               "workers": {}, "commands": ["python -m bench.throughput " + " ".join(args.argv)]}
+    previous = RESULTS / f"{args.out}.json"
+    if previous.exists():  # keep other networks' rows from an earlier run with the same batch and expander
+        old = json.loads(previous.read_text())
+        if (old.get("batch"), old.get("expander")) == (args.batch, args.expander) and isinstance(old.get("warmup"), dict):
+            for key in ("results", "components", "profile", "workers"):
+                kept = {k: v for k, v in old.get(key, {}).items() if k.split("/")[0] not in networks}
+                payload.setdefault(key, {}).update(kept)
+            for key in ("steps", "warmup", "variants"):
+                payload[key] = {**{k: v for k, v in old[key].items() if k not in networks}, **payload[key]}
+            payload["commands"] = old.get("commands", []) + payload["commands"]
     log_dir = RESULTS / "logs"
     for network in networks:
         results = payload["results"].setdefault(network, {})
-        runs = {v: [] for v in variants}
+        runs = {v: [] for v in network_variants[network]}
         workers = {}
         # Build one at a time so start-up (imports, tracing, XLA) never overlaps a timing.
-        for v in variants:
+        for v in network_variants[network]:
             t0 = time.perf_counter()
             worker = Worker(v, network, args.batch, args.expander, log_dir, Path(args.peer_python))
             try:
                 info = worker.read()
-                warm = worker.ask(f"run {args.warmup}")
+                warm = worker.ask(f"run {warmups[network] - 1}")  # run N times N + 1 steps
             except RuntimeError as error:
                 print(f"  {network} {v}: failed ({error})", flush=True)
                 results[v] = {"error": "failed to run, see log"}
@@ -358,21 +456,44 @@ def run(args) -> dict:
                 # Interleave TF and PyTorch; reverse every other repetition against drift.
                 for v in (order if rep % 2 == 0 else order[::-1]):
                     time.sleep(0.5)  # let the previous child's threads go idle
+                    load = os.getloadavg()[0]
                     out = workers[v].ask(f"run {steps[network]}")
+                    out["load_before"], out["load_after"] = load, os.getloadavg()[0]
                     runs[v].append(out)
                     results[v] = _summary(runs[v], args.batch)
                     print(f"  {network} rep {rep} {v}: {results[v]['images_per_s_reps'][-1]:.1f} images/s", flush=True)
-                write_results("throughput", payload, markdown(payload))
-            if args.components:
+                write_results(args.out, payload, markdown(payload))
+            if args.profile and network in args.components_networks.split(","):
+                for v in [v for v in order if v in ("tf", "tf_unsynced_bn")]:
+                    payload.setdefault("profile", {}).setdefault(network, {})[v] = workers[v].ask(f"profile {args.profile}")
+                    write_results(args.out, payload, markdown(payload))
+            if args.components and network in args.components_networks.split(","):
                 comps = payload["components"].setdefault(network, {})
                 for v in order:
                     comps[v] = workers[v].ask(f"components {args.components}")
-                    write_results("throughput", payload, markdown(payload))
+                    write_results(args.out, payload, markdown(payload))
         finally:
             for worker in workers.values():
                 worker.close()
-        write_results("throughput", payload, markdown(payload))
+        if network in args.bf16_probe.split(",") and "tf_bf16" not in network_variants[network]:
+            _bf16_probe(payload, network, args, log_dir)
+        write_results(args.out, payload, markdown(payload))
     return payload
+
+
+def _bf16_probe(payload: dict, network: str, args, log_dir: Path) -> None:
+    worker = Worker("tf_bf16", network, args.batch, args.expander, log_dir, Path(args.peer_python))
+    try:
+        worker.read()
+        worker.ask("run 1")
+        out = worker.ask("run 2")
+        out["load_before"] = out["load_after"] = os.getloadavg()[0]
+        payload["results"][network]["tf_bf16"] = dict(_summary([out], args.batch), probe=True)
+        print(f"  {network} tf_bf16 probe: {payload['results'][network]['tf_bf16']['images_per_s_median']:.1f} images/s", flush=True)
+    except RuntimeError as error:
+        payload["results"][network]["tf_bf16"] = {"error": f"failed: {error}"}
+    finally:
+        worker.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,16 +501,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--networks", default="small_cnn,resnet18_cifar")
-    parser.add_argument("--variants", default="tf,torch_lightly,tf_xla,torch_official,tf_bf16")
+    parser.add_argument("--variants", default="tf,torch_lightly,tf_xla,torch_official",
+                        help="timed alternately; tf_bf16 is also a variant (slow on CPUs without bf16 units)")
+    parser.add_argument("--bf16-probe", default="small_cnn",
+                        help="networks where mixed_bfloat16 gets a short probe (1 warm-up + 2 steps, once); '' for none")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--expander", default="2048-2048-2048")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per child (tracing, XLA compile)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per repetition")
-    parser.add_argument("--resnet-steps", type=int, default=3, help="timed steps per repetition for resnet18_cifar (0: --steps)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per child (tracing, XLA compile)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
+    parser.add_argument("--resnet-steps", type=int, default=1, help="timed steps per repetition for resnet18_cifar (0: --steps)")
+    parser.add_argument("--resnet-warmup", type=int, default=2, help="warm-up steps for resnet18_cifar (0: --warmup)")
+    parser.add_argument("--resnet-variants", default="tf,torch_lightly,tf_xla", help="variants for resnet18_cifar ('': --variants)")
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions")
-    parser.add_argument("--components", type=int, default=3, help="calls for the forward / backward breakdown (0: off)")
+    parser.add_argument("--components", type=int, default=2, help="calls for the forward / backward breakdown (0: off)")
+    parser.add_argument("--components-networks", default="small_cnn", help="networks that get the breakdown")
     parser.add_argument("--peer-python", default=str(PEER_PYTHON))
+    parser.add_argument("--profile", type=int, default=2, help="steps of tf.profiler op breakdown for the TF variants (0: off)")
+    parser.add_argument("--out", default="throughput", help="name of the result files in bench/results")
+    parser.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json")
     args = parser.parse_args(argv)
+    if args.render:
+        payload = json.loads((RESULTS / f"{args.out}.json").read_text())
+        write_results(args.out, payload, markdown(payload))
+        print(markdown(payload))
+        return 0
     if args.worker:
         spec = json.loads(args.worker)
         (_tf_worker if spec["library"] == "tf" else _torch_worker)(spec)

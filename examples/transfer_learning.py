@@ -1,14 +1,17 @@
 """Transfer learning: a Fashion-MNIST classifier on top of a pretrained VICReg backbone.
 
     python examples/transfer_learning.py runs/fmnist/backbone.keras
-    python examples/transfer_learning.py runs/fmnist/backbone.keras --epochs=5 --fine_tune_epochs=2
+    python examples/transfer_learning.py runs/fmnist/backbone.keras --epochs=20 --fine_tune_epochs=2
 
-1. `vicreg_tf.load_backbone(path)` gives the backbone as a plain, frozen Keras model.
-2. A Dense classifier on its features is trained (the backbone stays fixed).
-3. Optionally the backbone is unfrozen and everything is fine-tuned with a small
-   learning rate. The backbone is called with training=False, so its
-   BatchNormalization keeps the pretrained statistics even while its weights
-   train (the usual Keras fine-tuning recipe).
+1. `load_backbone(path)` gives the backbone as a plain, frozen Keras model.
+2. A Dense classifier is trained on its features. The backbone is frozen, so
+   its features are computed once with `predict` and the head trains on them
+   (many epochs in seconds); the same head layer then sits on the backbone.
+3. Optionally the backbone is unfrozen (`set_trainable`, which keeps its
+   BatchNormalization frozen on the pretrained statistics) and everything is
+   fine-tuned with a small learning rate. Passing training=False when calling
+   the backbone is not enough in Keras 3: `fit` calls the outer model with
+   training=True, which replaces it, and BatchNorm would then train.
 
 Prints the test accuracy after each stage. Images are float32 in [0, 1]: the
 backbone normalises them itself. Reads the Fashion-MNIST IDX files from
@@ -29,7 +32,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vicreg_tf.transfer import load_backbone  # noqa: E402
+from vicreg_tf.transfer import load_backbone, set_trainable  # noqa: E402
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -53,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("backbone", help="a backbone .keras file (vicreg-train writes one)")
     parser.add_argument("--data_dir", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs for the classifier head")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs for the classifier head")
+    parser.add_argument("--head_learning_rate", type=float, default=1e-2)
+    parser.add_argument("--fine_tune_learning_rate", type=float, default=1e-4)
     parser.add_argument("--fine_tune_epochs", type=int, default=1, help="then epochs with the backbone unfrozen (0: skip)")
     parser.add_argument("--train_size", type=int, default=60000, help="use the first N training images")
     parser.add_argument("--batch_size", type=int, default=256)
@@ -69,26 +74,37 @@ def main(argv: list[str] | None = None) -> int:
     if backbone.input_shape[1:] != x_train.shape[1:]:
         raise SystemExit(f"backbone takes {backbone.input_shape[1:]}, Fashion-MNIST is {x_train.shape[1:]}")
 
+    # Stage 1: the linear classifier on frozen features, computed once.
+    train_features = backbone.predict(x_train, batch_size=1024, verbose=0)
+    test_features = backbone.predict(x_test, batch_size=1024, verbose=0)
+    head = keras.layers.Dense(10, name="classifier")
+    probe = keras.Sequential([keras.Input(train_features.shape[1:]), head])
+    probe.compile(
+        optimizer=keras.optimizers.Adam(args.head_learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    probe.fit(train_features, y_train, batch_size=args.batch_size, epochs=args.epochs, verbose=0)
+    print(f"frozen backbone + linear classifier: test accuracy "
+          f"{probe.evaluate(test_features, y_test, batch_size=1024, verbose=0)[1]:.4f}")
+
+    # The classifier on images: backbone -> the trained head.
     inputs = keras.Input(backbone.input_shape[1:])
-    features = backbone(inputs, training=False)
-    outputs = keras.layers.Dense(10, name="classifier")(features)
+    outputs = head(backbone(inputs))
     model = keras.Model(inputs, outputs)
 
-    def train(epochs: int, learning_rate: float) -> float:
+    if args.fine_tune_epochs > 0:
+        # Stage 2: unfreeze all but BatchNorm and fine-tune end to end, gently
+        # (compile after changing trainable).
+        set_trainable(backbone, True)
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate),
+            optimizer=keras.optimizers.Adam(args.fine_tune_learning_rate),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
-        model.fit(x_train, y_train, batch_size=args.batch_size, epochs=epochs, verbose=2)
-        return model.evaluate(x_test, y_test, batch_size=1024, verbose=0)[1]
-
-    head_accuracy = train(args.epochs, 1e-3)
-    print(f"frozen backbone + linear classifier: test accuracy {head_accuracy:.4f}")
-    if args.fine_tune_epochs > 0:
-        backbone.trainable = True  # recompiling (inside train) makes this take effect
-        tuned_accuracy = train(args.fine_tune_epochs, 1e-4)
-        print(f"after fine-tuning the backbone: test accuracy {tuned_accuracy:.4f}")
+        model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.fine_tune_epochs, verbose=2)
+        accuracy = model.evaluate(x_test, y_test, batch_size=1024, verbose=0)[1]
+        print(f"after fine-tuning the backbone: test accuracy {accuracy:.4f}")
     return 0
 
 

@@ -379,6 +379,16 @@ def test_export_with_projector_adds_projection_signature(tmp_path, images):
     ]
 
 
+def test_mixed_precision_backbone_exports_float32_embeddings(tmp_path, images):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")  # reset by conftest
+    backbone = make_test_backbone(seed=7)
+    version_dir = serving.export_for_serving(backbone, tmp_path, "mixed", warmup=False, write_config=False)
+    out = tf.saved_model.load(str(version_dir)).signatures["serving_default"](images=tf.constant(images[:2]))
+    assert out["embedding"].dtype == tf.float32
+    want = keras.ops.convert_to_numpy(keras.ops.cast(backbone(images[:2], training=False), "float32"))
+    np.testing.assert_allclose(out["embedding"].numpy(), want, atol=1e-5, rtol=0)
+
+
 def test_export_rejects_a_model_without_image_input(tmp_path):
     mlp = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     with pytest.raises(ValueError, match=r"image input \(None, H, W, C\).*\(None, 4\)"):
@@ -507,17 +517,30 @@ def test_load_backbone_is_frozen_and_equal(exported, images):
 
 
 @pytest.mark.parametrize("trainable", [False, True])
-def test_load_backbone_fine_tunes_only_when_trainable(exported, images, trainable):
+def test_load_backbone_fine_tunes_only_when_trainable_and_never_batchnorm(exported, images, trainable):
     backbone = load_backbone(exported.keras_path, trainable=trainable)
     classifier = keras.Sequential([backbone, keras.layers.Dense(10)])
     classifier.compile(
         optimizer=keras.optimizers.SGD(0.1),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    before = [w.numpy().copy() for w in backbone.weights]
+    before = {w.path: w.numpy().copy() for w in backbone.weights}
     classifier.fit(images[:16], np.arange(16) % 10, batch_size=16, epochs=1, verbose=0)
-    changed = any(not np.array_equal(b, w.numpy()) for b, w in zip(before, backbone.weights))
-    assert changed == trainable
+    changed = {w.path for w in backbone.weights if not np.array_equal(before[w.path], w.numpy())}
+    conv = {w.path for w in backbone.weights if "conv" in w.path}
+    assert bool(changed & conv) == trainable
+    # BatchNorm stays on the pretrained statistics (a training-mode fit would move them).
+    assert not any("bn" in path for path in changed), sorted(changed)
+
+
+def test_set_trainable_can_unfreeze_batchnorm_too(exported):
+    from vicreg_tf.transfer import set_trainable
+
+    backbone = load_backbone(exported.keras_path)
+    bn = backbone.get_layer("bn0_0")
+    assert not set_trainable(backbone, True).get_layer("bn0_0").trainable
+    assert set_trainable(backbone, True, freeze_batchnorm=False).get_layer("bn0_0").trainable
+    assert set_trainable(backbone, False).trainable_weights == [] and not bn.trainable
 
 
 def test_load_backbone_missing_path_raises(tmp_path):

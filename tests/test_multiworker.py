@@ -94,21 +94,24 @@ def test_unreachable_peer_times_out_with_a_clear_error(tmp_path):
     start = time.monotonic()
     result = run_python(["-m", "trainers.pretrain", *TINY, f"--workdir={tmp_path}"], timeout=150,
                         env={"TF_CONFIG": json.dumps(tf_config), "VICREG_PEER_TIMEOUT": "5"})
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert f"peer 127.0.0.1:{ports[1]}" in result.stderr and "did not answer within 5 s" in result.stderr
+    assert result.returncode == -9, result.stderr[-2000:]  # SIGKILL from the watchdog
+    assert f"error: peer 127.0.0.1:{ports[1]} from TF_CONFIG did not answer within 5 s" in result.stderr
     assert time.monotonic() - start < 120
 
 
 @pytest.mark.large
 def test_two_workers_match_each_other_and_a_single_process(tmp_path):
-    steps = ["--config.training.epochs=2", "--config.training.steps_per_epoch=3"]
+    # float64 layers: in float32 the BatchNorm gradients of a batch of 64 and of
+    # two batches of 32 differ by ~1e-3 from summation order alone (cancelling
+    # sums); in float64 that noise is ~1e-8 and 1e-5 tests the algorithm.
+    steps = ["--config.training.epochs=2", "--config.training.steps_per_epoch=3",
+             "--config.training.mixed_precision=float64"]
     result = _launch(tmp_path, tmp_path / "cluster", *steps)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "[worker 1]" in result.stdout
     chief = _weights(tmp_path / "cluster" / "vicreg.keras")
     (other_dir,) = (tmp_path / "scratch").glob("vicreg-worker1-*")
     other = _weights(other_dir / "vicreg.keras")
-    assert not (tmp_path / "cluster" / "backup").glob("*worker1*") or True
     for a, b in zip(chief, other):
         np.testing.assert_array_equal(a, b)
 

@@ -6,6 +6,7 @@ the real server is not installable on the test machine.
 """
 from __future__ import annotations
 
+import base64
 import socket
 
 import numpy as np
@@ -102,6 +103,35 @@ def test_specific_version_round_trips(make_client, images, expected):
 
 def test_float64_images_are_sent_as_float32(make_client, images, expected):
     np.testing.assert_allclose(make_client().embed(images.astype(np.float64)), expected, atol=1e-5)
+
+
+def test_predict_returns_every_output_by_name(make_client, images, expected):
+    client = make_client()
+    if make_client.kind == "grpc":
+        outputs = client.predict("serving_default", {"images": images[:2]})
+        assert set(outputs) == {"embedding"}
+        got = outputs["embedding"]
+    else:
+        # The columnar ("inputs") format, which embed() does not use.
+        answer = client.predict({"signature_name": "serving_default", "inputs": {"images": images[:2].tolist()}})
+        got = np.asarray(answer["outputs"], np.float32)
+    np.testing.assert_allclose(got, expected[:2], atol=1e-5, rtol=0)
+
+
+def test_rest_client_sends_binary_inputs_as_b64(rest_server, pngs, monkeypatch):
+    sent = []
+    client = RestClient(rest_server.url, NAME)
+    original = client.predict
+    monkeypatch.setattr(client, "predict", lambda body: sent.append(body) or original(body))
+    client.embed_bytes(pngs[1][:1])
+    (body,) = sent
+    assert body["signature_name"] == "serve_image_bytes"
+    assert body["instances"] == [{"b64": base64.b64encode(pngs[1][0]).decode("ascii")}]
+
+
+def test_rest_client_needs_an_http_url():
+    with pytest.raises(ValueError, match="http://.*'localhost:8501'"):
+        RestClient("localhost:8501", NAME)
 
 
 # --------------------------------------------------------------------------- errors

@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
-import time
 from pathlib import Path
 
 from trainers.common import WorkerRole
@@ -63,38 +61,57 @@ def is_chief_task(config: dict) -> bool:
     return task["type"] == "worker" and task["index"] == 0
 
 
-def wait_for_peers(config: dict, timeout: float) -> None:
-    """Blocks until every other task's server accepts connections, or raises TimeoutError."""
-    me = config["cluster"][config["task"]["type"]][config["task"]["index"]]
-    peers = [a for job in ("chief", "worker") for a in config["cluster"].get(job, []) if a != me]
-    deadline = time.monotonic() + timeout
-    for address in peers:
-        host, port = address.rsplit(":", 1)
-        while True:
-            try:
-                with socket.create_connection((host, int(port)), timeout=2.0):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"peer {address} from TF_CONFIG did not answer within {timeout:.0f} s; "
-                        f"is its worker running? (set {PEER_TIMEOUT_ENV} to wait longer)"
-                    ) from None
-                time.sleep(0.5)
+# Runs beside a worker while MultiWorkerMirroredStrategy's constructor waits for
+# its peers. That wait is in C++ and holds the GIL, so no Python thread or signal
+# handler of the worker itself can interrupt it; this separate process can.
+_WATCHDOG = r"""
+import os, signal, socket, sys, time
+parent, timeout, env, peers = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4:]
+time.sleep(timeout)
+if os.getppid() != parent:
+    sys.exit(0)
+missing = []
+for address in peers:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2.0).close()
+    except OSError:
+        missing.append(address)
+what = "peer " + ", ".join(missing) if missing else "the cluster (every peer answered, but it did not form)"
+sys.stderr.write(
+    f"error: {what} from TF_CONFIG did not answer within {timeout:.0f} s; is its worker running? "
+    f"(set {env} to wait longer). Stopping this worker.\n"
+)
+sys.stderr.flush()
+os.kill(parent, signal.SIGKILL)  # SIGTERM is not enough: the wait ignores it
+"""
 
 
 def multi_worker_strategy():
-    """MultiWorkerMirroredStrategy for this TF_CONFIG, after checking it and reaching every peer."""
+    """MultiWorkerMirroredStrategy for this TF_CONFIG, after checking it; bounded by the peer timeout.
+
+    The constructor starts this worker's server and blocks until every peer has
+    joined. A watchdog process ends this worker with a message naming the peers
+    that did not answer if that takes longer than $VICREG_PEER_TIMEOUT seconds.
+    """
+    import subprocess
+    import sys
+
     import tensorflow as tf
 
     config = parse_tf_config()
     timeout = float(os.environ.get(PEER_TIMEOUT_ENV, DEFAULT_PEER_TIMEOUT))
-    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
-    # The constructor starts this worker's server; peers are checked afterwards,
-    # so that workers started in any order find each other.
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
-    wait_for_peers(config, timeout)
-    return strategy
+    me = config["cluster"][config["task"]["type"]][config["task"]["index"]]
+    peers = [a for job in ("chief", "worker") for a in config["cluster"].get(job, []) if a != me]
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), PEER_TIMEOUT_ENV, *peers]
+    )
+    try:
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    finally:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def worker_role(resolver, workdir: Path) -> WorkerRole:

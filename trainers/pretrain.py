@@ -61,11 +61,12 @@ def train(config, workdir: str | os.PathLike) -> dict:
     epochs = config.training.epochs
     dataset = None
     if start_epoch < epochs:
-        dataset = training.resumable_view_pairs(
-            images.cache(), common.make_views(config, seed=config.seed), batch_size,
-            steps_per_epoch=steps, start_epoch=start_epoch, epochs=epochs,
+        images = images.cache()
+        views = common.make_views(config, seed=config.seed)
+        dataset = training.distribute_view_pairs(strategy, lambda: training.resumable_view_pairs(
+            images, views, batch_size, steps_per_epoch=steps, start_epoch=start_epoch, epochs=epochs,
             seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
-        )
+        ), batch_size)
 
     with strategy.scope():
         model = vicreg_tf.VICReg(
@@ -138,7 +139,7 @@ def _main(argv):
         raise app.UsageError("--config and --workdir are required")
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, TimeoutError) as error:
+    except (ValueError, FileNotFoundError) as error:
         sys.exit(common.fail(str(error)))
 
 

@@ -4,7 +4,8 @@ The recipe (Bardes et al. 2022, appendix C; official `augmentations.py`), per vi
 random resized crop, horizontal flip, color jitter with p=0.8, grayscale with
 p=0.2, Gaussian blur (p=1.0 for view a, 0.1 for view b), solarization (p=0.0 for
 view a, 0.2 for view b). `ViewPipeline` is one view, `TwoViews` the asymmetric
-pair, `paper_views` / `grayscale_views` the two presets.
+pair, `paper_views` / `grayscale_views` the two presets. `kerascv_views` builds
+the same recipe from KerasCV layers, for those who want them.
 
 Images are float32 NHWC in [0, 1] (integer images are rescaled by 1/255), so
 the solarization threshold is 0.5 and every layer returns [0, 1].
@@ -18,7 +19,10 @@ brightness, a 0.5-centred saturation factor, fixed order); Solarization's
 threshold is on a 0-255 scale whatever `value_range` says. The layers here are
 batched tf ops with stateless randomness: every probability is per image, the
 same seed gives the same views, and the default pipeline is several times faster
-(bench/pipeline.py).
+(bench/pipeline.py, batch 256 on 2 shared CPU cores: 2.7-4.5x for paper_views on
+32x32 RGB, 6-6.6x for grayscale_views on 28x28). `kerascv_views` (`KerasCVTwoViews`, a drop-in
+for `TwoViews`) is there for users who want KerasCV's layers anyway; it ignores the
+`seed` call argument.
 
 Randomness: every layer takes an optional `seed` call argument, a (2,) integer
 tensor for TensorFlow's stateless random ops. Without it the layer draws one from
@@ -29,7 +33,6 @@ seed per batch taken from `tf.data.Dataset.random`, which keeps a parallel
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import keras
 import tensorflow as tf
@@ -512,8 +515,8 @@ class RandomSolarize(_ImageAugmentation):
         seed: int seed of the layer's own generator.
 
     Example:
-    >>> RandomSolarize(1.0)(tf.constant([[[[0.2], [0.8]]]])).numpy().ravel()
-    array([0.2, 0.2], dtype=float32)
+    >>> RandomSolarize(1.0)(tf.constant([[[[0.25], [0.75]]]])).numpy().ravel()
+    array([0.25, 0.25], dtype=float32)
     """
 
     def __init__(self, probability=0.2, threshold=0.5, seed=None, **kwargs):

@@ -216,7 +216,24 @@ class VICReg(keras.Model):
     def _update_metrics(self, terms) -> dict[str, tf.Tensor]:
         for tracker, name in zip(self.metrics, _METRIC_NAMES):
             tracker.update_state(terms[name])
-        return {m.name: m.result() for m in self.metrics}
+        results = {m.name: m.result() for m in self.metrics}
+        if _multi_worker(self.distribute_strategy):
+            # Keras reduces a multi-worker step's outputs with reduce("MEAN", axis=0),
+            # which needs an axis; every worker holds the same (global) values.
+            results = {name: value[None] for name, value in results.items()}
+        return results
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' fit builds an unbuilt model from the first batch, which it first
+        # reduces with MEAN across replicas; under MultiWorkerMirroredStrategy that
+        # eager reduce of a PerReplica batch fails (Keras 3.15). VICReg builds
+        # its layers in __init__, so only the optimizer may be left to build.
+        if all(layer.built for layer in self._flatten_layers()):
+            if self.optimizer is not None and not self.optimizer.built:
+                with self.distribute_strategy.scope():
+                    self.optimizer.build(self.trainable_variables)
+            return
+        super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def train_step(self, data):
         replicas = num_replicas()
@@ -271,6 +288,12 @@ class VICReg(keras.Model):
         if config.get("second_backbone") is not None:
             config["second_backbone"] = deserialize(config["second_backbone"])
         return cls(**config)
+
+
+def _multi_worker(strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        strategy.extended._in_multi_worker_mode()
+    )
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):

@@ -130,19 +130,21 @@ def _build_archive(backbone: keras.Model, projector: keras.Model | None) -> kera
     images_spec = tf.TensorSpec((None, h, w, c), tf.float32, name=IMAGES_INPUT)
     bytes_spec = tf.TensorSpec((None,), tf.string, name=IMAGE_BYTES_INPUT)
 
+    def embed(images):
+        # float32 out even for a mixed-precision backbone: clients and REST JSON expect DT_FLOAT.
+        return tf.cast(backbone(images, training=False), tf.float32)
+
     archive = keras.export.ExportArchive()
     archive.track(backbone)
     # serving_default is added first and explicitly, so it is the float signature.
     archive.add_endpoint(
         name=SERVING_DEFAULT,
-        fn=lambda images: {EMBEDDING_OUTPUT: backbone(images, training=False)},
+        fn=lambda images: {EMBEDDING_OUTPUT: embed(images)},
         input_signature=[images_spec],
     )
     archive.add_endpoint(
         name=SERVE_IMAGE_BYTES,
-        fn=lambda image_bytes: {
-            EMBEDDING_OUTPUT: backbone(decode_images(image_bytes, h, w, c), training=False)
-        },
+        fn=lambda image_bytes: {EMBEDDING_OUTPUT: embed(decode_images(image_bytes, h, w, c))},
         input_signature=[bytes_spec],
     )
     if projector is not None:
@@ -154,8 +156,8 @@ def _build_archive(backbone: keras.Model, projector: keras.Model | None) -> kera
         def serve_projection(images):
             embedding = backbone(images, training=False)
             return {
-                EMBEDDING_OUTPUT: embedding,
-                PROJECTION_OUTPUT: projector(embedding, training=False),
+                EMBEDDING_OUTPUT: tf.cast(embedding, tf.float32),
+                PROJECTION_OUTPUT: tf.cast(projector(embedding, training=False), tf.float32),
             }
 
         archive.add_endpoint(

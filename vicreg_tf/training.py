@@ -140,7 +140,38 @@ def resumable_view_pairs(
 
     dataset = tf.data.Dataset.range(start_epoch, epochs).flat_map(one_epoch)
     dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    options = tf.data.Options()
-    # In-memory sources cannot be sharded by file; shard by data under MultiWorkerMirroredStrategy.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def distribute_view_pairs(strategy: tf.distribute.Strategy, make_dataset: Callable[[], tf.data.Dataset],
+                          global_batch_size: int):
+    """Feeds every replica its rows of the same global batches a single device would see.
+
+    `make_dataset()` returns global batches of `(view_a, view_b)` (e.g.
+    `resumable_view_pairs`). Each worker builds that pipeline, keeps its
+    contiguous share of each global batch and splits the share between its
+    local replicas, so global step t trains on exactly global batch t, with
+    the same augmentations, whatever the number of workers and devices. (tf.data's
+    auto-sharding would instead move the split into the pipeline and change
+    which images share an augmentation seed.) Each worker augments the whole
+    global batch; the views are cheap next to the train step (bench/pipeline.py).
+    Returns `make_dataset()` itself for a single replica.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return make_dataset()
+    if global_batch_size % replicas:
+        raise ValueError(
+            f"the global batch {global_batch_size} does not split evenly over {replicas} replicas"
+        )
+
+    def worker_dataset(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        share = global_batch_size // context.num_input_pipelines
+        start = context.input_pipeline_id * share
+        per_replica = context.get_per_replica_batch_size(global_batch_size)
+        dataset = make_dataset().map(lambda a, b: (a[start:start + share], b[start:start + share]))
+        # Consecutive elements go to the worker's replicas in turn.
+        return dataset.unbatch().batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+    options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
+    return strategy.distribute_datasets_from_function(worker_dataset, options)

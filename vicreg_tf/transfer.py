@@ -1,8 +1,11 @@
 """Transfer learning: the pretrained backbone as a plain Keras model, in one line.
 
-    backbone = vicreg_tf.load_backbone("runs/fmnist/backbone.keras")       # frozen
+    from vicreg_tf.transfer import load_backbone
+    backbone = load_backbone("runs/fmnist/backbone.keras")       # frozen
     outputs = keras.layers.Dense(10)(backbone.output)
     classifier = keras.Model(backbone.input, outputs)
+    ...                                                          # train the head, then
+    set_trainable(backbone, True)    # unfreeze all but BatchNorm; recompile and fine-tune
 
 The backbone takes float32 images in [0, 1] (it normalises them itself) and
 returns (N, F) features. An exported SavedModel version directory loads into
@@ -18,6 +21,37 @@ import keras
 from vicreg_tf.serving import backbone_io_shape
 
 
+def set_trainable(backbone: keras.Model, trainable: bool, *, freeze_batchnorm: bool = True) -> keras.Model:
+    """Freezes or unfreezes a backbone for transfer learning; returns it. Recompile afterwards.
+
+    With `freeze_batchnorm` (the default), unfreezing leaves every
+    BatchNormalization frozen: Keras 3 runs a non-trainable BatchNormalization
+    on its moving statistics even under `fit`, so fine-tuning starts from the
+    pretrained features and small fine-tuning batches cannot overwrite the
+    statistics. Calling the backbone with `training=False` inside a functional
+    classifier does not do this in Keras 3: the outer model's `training=True`
+    during `fit` replaces it.
+
+    Args:
+        backbone: the model to change in place.
+        trainable: whether its weights train.
+        freeze_batchnorm: keep BatchNormalization layers frozen when `trainable`.
+
+    Example:
+    >>> backbone = set_trainable(load_backbone("backbone.keras"), True)  # doctest: +SKIP
+    """
+    layers = list(backbone._flatten_layers(include_self=True))
+    # Every layer explicitly: Keras does not pass `trainable = True` down to the
+    # sublayers of a model that is already trainable.
+    for layer in layers:
+        layer.trainable = bool(trainable)
+    if trainable and freeze_batchnorm:
+        for layer in layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    return backbone
+
+
 def load_backbone(path: str | os.PathLike, trainable: bool = False) -> keras.Model:
     """Loads a backbone from a `.keras` file, frozen unless `trainable=True`.
 
@@ -27,13 +61,13 @@ def load_backbone(path: str | os.PathLike, trainable: bool = False) -> keras.Mod
 
     With `trainable=False` every layer is frozen, and Keras 3 runs a frozen
     BatchNormalization on its moving statistics even under `fit`, so the features
-    stay those of pretraining. To fine-tune, load with `trainable=True` (or set
-    `backbone.trainable = True` after training the head) and use a small
-    learning rate.
+    stay those of pretraining. With `trainable=True` every weight trains except
+    BatchNormalization's, which stays frozen on the pretrained statistics (see
+    `set_trainable`); fine-tune with a small learning rate.
 
     Args:
         path: a `.keras` file.
-        trainable: whether the backbone's weights train in a new model.
+        trainable: whether the backbone's weights (BatchNorm excepted) train in a new model.
 
     Returns:
         A functional keras.Model (None, H, W, C) float32 in [0, 1] -> (None, F).
@@ -66,8 +100,7 @@ def load_backbone(path: str | os.PathLike, trainable: bool = False) -> keras.Mod
         backbone_io_shape(model)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path} does not hold a backbone: {e}") from e
-    model.trainable = bool(trainable)
-    return model
+    return set_trainable(model, trainable)
 
 
 def _load(path: Path) -> keras.Model:
