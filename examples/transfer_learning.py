@@ -20,7 +20,6 @@ backbone normalises them itself. Reads the Fashion-MNIST IDX files from
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import sys
 from pathlib import Path
@@ -32,24 +31,15 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vicreg_tf import data  # noqa: E402
 from vicreg_tf.transfer import load_backbone, set_trainable  # noqa: E402
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Reads a gzipped IDX file (the MNIST format): a big-endian header, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def fashion_mnist(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images as float32 (N, 28, 28, 1) in [0, 1] and int labels."""
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(data_dir / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(data_dir / f"{prefix}-labels-idx1-ubyte.gz")
-    return (images[..., None] / np.float32(255.0)).astype(np.float32), labels.astype(np.int32)
+    """Images as float32 (N, 28, 28, 1) in [0, 1] and int labels, from the local IDX files."""
+    batches = data.fashion_mnist(split, data_dir=data_dir).batch(10_000)
+    images, labels = zip(*((x.numpy(), y.numpy()) for x, y in batches))
+    return np.concatenate(images), np.concatenate(labels).astype(np.int32)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,10 @@ Public API:
     LARS, warmup_cosine    the paper's optimizer and learning-rate schedule
     gather_replicas        all-gather across replicas (identity for one)
     StopOnNonFiniteLoss    callback that ends fit on a NaN/Inf loss
+    TwoViews, paper_views, grayscale_views   the paired-view pipelines (augment)
+    view_pairs             images -> batches of (view_a, view_b), one line (data)
+    load_backbone          a pretrained backbone for transfer learning (transfer)
+    export_for_serving     the TF Serving export (serving)
 Submodules: backbones, augment, data, evaluation, serving, transfer.
 """
 from vicreg_tf.distribute import gather_replicas, num_replicas
@@ -14,7 +18,11 @@ from vicreg_tf.losses import covariance_loss, invariance_loss, variance_loss, vi
 from vicreg_tf.model import VICReg, StopOnNonFiniteLoss
 from vicreg_tf.optimizers import LARS, scaled_learning_rate, warmup_cosine
 from vicreg_tf.projector import build_projector, parse_projector_spec
-from vicreg_tf import backbones
+from vicreg_tf import augment, backbones, data, evaluation, serving, transfer
+from vicreg_tf.augment import TwoViews, grayscale_views, kerascv_views, paper_views
+from vicreg_tf.data import view_pairs
+from vicreg_tf.serving import export_for_serving
+from vicreg_tf.transfer import load_backbone, set_trainable
 
 __version__ = "0.1.0"
 
@@ -32,5 +40,18 @@ __all__ = [
     "scaled_learning_rate",
     "gather_replicas",
     "num_replicas",
+    "TwoViews",
+    "paper_views",
+    "grayscale_views",
+    "kerascv_views",
+    "view_pairs",
+    "load_backbone",
+    "set_trainable",
+    "export_for_serving",
+    "augment",
     "backbones",
+    "data",
+    "evaluation",
+    "serving",
+    "transfer",
 ]
