@@ -72,6 +72,20 @@ def hlo_flops(hlo: str) -> dict:
     return {"conv": conv, "dot": dot, "total": conv + dot}
 
 
+def _theoretical_peak() -> float | None:
+    """cores x MHz x 32 FLOP/cycle (two 256-bit FMA pipes, float32), for AVX2 CPUs such as Zen 2/3."""
+    import os
+
+    try:
+        mhz = float(next(l for l in open("/proc/cpuinfo") if l.startswith("cpu MHz")).split(":")[1])
+        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    if " fma" not in flags or " avx2" not in flags:
+        return None
+    return (os.cpu_count() or 1) * mhz * 32 / 1000
+
+
 # -- child processes ---------------------------------------------------------------------------
 
 
@@ -171,7 +185,8 @@ def markdown(payload: dict) -> str:
     text = [f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores; date {payload['machine']['date']}. "
             f"Peak reference: float32 {payload['matmul_n']}x{payload['matmul_n']} matmul, median GFLOP/s over "
             f"{payload['reps']} alternating runs: TensorFlow {statistics.median(m['tf']):.1f}, PyTorch "
-            f"{statistics.median(m['torch']):.1f} (reference {peak:.1f}). FLOPs counted from the step's XLA HLO "
+            f"{statistics.median(m['torch']):.1f} (reference {peak:.1f}; the paper peak, cores x clock x 32 FLOP/cycle "
+            f"for AVX2 with two FMA pipes, would be {payload.get('theoretical_gflops') or 0:.0f}). FLOPs counted from the step's XLA HLO "
             "(vicreg-tf) and with torch FlopCounterMode (PyTorch): convolutions and matmuls only, forward + backward.\n"]
     rows = []
     for network, r in payload["networks"].items():
@@ -212,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         for library in ("tf", "torch") if has_peer else ("tf",):
             payload["matmul"][library].append(_ask(library, {"what": "matmul", "n": args.matmul}, peer)["gflops"])
     payload["matmul_peak_gflops"] = max(statistics.median(v) for v in payload["matmul"].values() if v)
+    payload["theoretical_gflops"] = _theoretical_peak()
     print(f"matmul GFLOP/s: {payload['matmul']}", flush=True)
     for network in [n for n in args.networks.split(",") if n]:
         measured = throughput.get("results", {}).get(network, {})

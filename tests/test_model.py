@@ -166,6 +166,18 @@ def test_labels_after_the_views_are_ignored():
     assert set(history) == METRICS
 
 
+def test_train_on_batch_and_test_on_batch_take_a_pair_of_views():
+    view_a, view_b = _cluster_views(32)
+    model = VICReg(_mlp(), projector="32-32")
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    before = [w.copy() for w in model.backbone.get_weights()]
+    logs = model.train_on_batch((view_a, view_b), return_dict=True)
+    assert set(logs) == METRICS and math.isfinite(logs["loss"])
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.backbone.get_weights()))
+    evaluated = model.test_on_batch((view_a, view_b), return_dict=True)
+    assert set(evaluated) == METRICS
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 

@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO, run_python
 from trainers import common
 
+import vicreg_tf  # noqa: F401  (registers VICReg for keras.saving.load_model)
+
 SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
 
 # Fast, deterministic settings for runs whose weights are compared.

@@ -40,6 +40,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
     from vicreg_tf import evaluation, serving, training
 
     workdir = Path(workdir)
+    if config.training.deterministic:
+        common.make_deterministic()  # before the first TensorFlow op
     # Everything that can be wrong with the inputs fails here, before any training.
     strategy = common.make_strategy()
     role = common.worker_role(strategy, workdir)
@@ -51,8 +53,6 @@ def train(config, workdir: str | os.PathLike) -> dict:
     steps = config.training.steps_per_epoch or count // batch_size
 
     keras.utils.set_random_seed(config.seed)
-    if config.training.deterministic:
-        tf.config.experimental.enable_op_determinism()
     if config.training.mixed_precision:
         keras.mixed_precision.set_global_policy(config.training.mixed_precision)
 

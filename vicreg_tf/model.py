@@ -167,8 +167,10 @@ class VICReg(keras.Model):
     # -- the step ------------------------------------------------------------
 
     def _unpack_views(self, data):
-        if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (tuple, list)):
-            data = data[0]  # ((view_a, view_b), labels): labels are not used by VICReg
+        if isinstance(data, (tuple, list)) and len(data) in (2, 3) and isinstance(data[0], (tuple, list)):
+            # ((view_a, view_b), labels[, weights]) from a labelled dataset, or Keras'
+            # (x, y, sample_weight) packing in train_on_batch: only the views are used.
+            data = data[0]
         if not (isinstance(data, (tuple, list)) and len(data) == 2):
             received = type(data).__name__ + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
             raise ValueError(
