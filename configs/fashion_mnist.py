@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 256  # global batch, split across replicas
-    config.training.epochs = 5
+    config.training.epochs = 4
     config.training.steps_per_epoch = 0  # 0: one pass over the data
     config.training.mixed_precision = ""  # Keras dtype policy: "" | mixed_bfloat16 | mixed_float16 | float64
     config.training.jit_compile = False
