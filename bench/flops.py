@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -74,16 +75,19 @@ def hlo_flops(hlo: str) -> dict:
 
 def _theoretical_peak() -> float | None:
     """cores x MHz x 32 FLOP/cycle (two 256-bit FMA pipes, float32), for AVX2 CPUs such as Zen 2/3."""
-    import os
-
     try:
-        mhz = float(next(l for l in open("/proc/cpuinfo") if l.startswith("cpu MHz")).split(":")[1])
-        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        mhz = float(next(l for l in lines if l.startswith("cpu MHz")).split(":")[1])
+        flags = next(l for l in lines if l.startswith("flags"))
     except (OSError, StopIteration, ValueError):
         return None
     if " fma" not in flags or " avx2" not in flags:
         return None
     return (os.cpu_count() or 1) * mhz * 32 / 1000
+
+
+def _format_peak(gflops: float | None) -> str:
+    return f"{gflops:.0f}" if gflops else "unknown here"
 
 
 # -- child processes ---------------------------------------------------------------------------
@@ -186,7 +190,7 @@ def markdown(payload: dict) -> str:
             f"Peak reference: float32 {payload['matmul_n']}x{payload['matmul_n']} matmul, median GFLOP/s over "
             f"{payload['reps']} alternating runs: TensorFlow {statistics.median(m['tf']):.1f}, PyTorch "
             f"{statistics.median(m['torch']):.1f} (reference {peak:.1f}; the paper peak, cores x clock x 32 FLOP/cycle "
-            f"for AVX2 with two FMA pipes, would be {payload.get('theoretical_gflops') or 0:.0f}). FLOPs counted from the step's XLA HLO "
+            f"for AVX2 with two FMA pipes, would be {_format_peak(payload.get('theoretical_gflops'))}). FLOPs counted from the step's XLA HLO "
             "(vicreg-tf) and with torch FlopCounterMode (PyTorch): convolutions and matmuls only, forward + backward.\n"]
     rows = []
     for network, r in payload["networks"].items():
