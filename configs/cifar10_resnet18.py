@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.name = "lars"
     config.optimizer.base_learning_rate = 0.3
     config.optimizer.weight_decay = 1e-4
+    config.optimizer.eta = 0.02  # solo-learn's CIFAR VICReg recipe
     config.optimizer.warmup_epochs = 10
     config.training.batch_size = 256
     config.training.epochs = 1000

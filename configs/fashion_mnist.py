@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.name = "lars"  # lars | adamw
     config.optimizer.base_learning_rate = 0.3  # peak = base x batch / 256
     config.optimizer.weight_decay = 1e-5
+    config.optimizer.eta = 0.001  # LARS trust coefficient (official code: 0.001; solo-learn: 0.02)
     config.optimizer.warmup_epochs = 1
     config.optimizer.final_fraction = 0.001
 

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.name = "lars"
     config.optimizer.base_learning_rate = 0.2  # the 1000-epoch recipe at batch 2048
     config.optimizer.weight_decay = 1e-6
+    config.optimizer.eta = 0.001  # the official LARS
     config.optimizer.warmup_epochs = 10
     config.optimizer.final_fraction = 0.001
     config.training.batch_size = 2048

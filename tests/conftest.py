@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # what `import vicreg_tf` first gives users
 
 import tensorflow as tf  # noqa: E402
 

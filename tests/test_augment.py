@@ -212,6 +212,16 @@ def test_blur_keeps_constant_image_constant():
     np.testing.assert_allclose(out.numpy(), 0.7, atol=1e-6)  # symmetric padding: borders do not darken
 
 
+@pytest.mark.parametrize("layer", [
+    augment.RandomGaussianBlur(1e-9), augment.RandomSolarize(1e-9), augment.RandomColorJitter(1e-9),
+])
+def test_rare_op_that_picks_no_image_returns_the_batch_unchanged(layer):
+    # An empty subset once crashed oneDNN's depthwise convolution inside tf.data (blur, p=0.1).
+    images = _rgb(4)
+    for fn in (layer, tf.function(layer)):
+        np.testing.assert_array_equal(fn(images, seed=[1, 2]).numpy(), images.numpy())
+
+
 def test_color_jitter_on_one_channel_stays_in_range():
     out = augment.RandomColorJitter(1.0, brightness=0.9, contrast=0.9)(_rgb(64)[..., :1], seed=[1, 2])
     assert out.shape == (64, 8, 8, 1)

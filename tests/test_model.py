@@ -114,6 +114,40 @@ def test_backbone_batchnorm_is_synchronized():
     assert bns and all(l.synchronized for l in bns)
 
 
+def _batchnorm_op_types(model, input_shape, strategy=None):
+    strategy = strategy or tf.distribute.get_strategy()
+    fn = tf.function(lambda x: strategy.run(lambda y: model(y, training=True), args=(x,)))
+    graph = fn.get_concrete_function(tf.TensorSpec(input_shape, tf.float32)).graph
+    return {op.type for op in graph.get_operations() if "BatchNorm" in op.type}
+
+
+def test_fused_batchnorm_trains_like_keras_batchnorm():
+    # Two SGD steps: float rounding differs between the kernels (1e-5 here) and later steps amplify it.
+    images = tf.random.stateless_uniform((32, 12, 12, 1), (1, 2))
+    views = (images, tf.image.flip_left_right(images))
+    keras.utils.set_random_seed(5)
+    initial = VICReg(small_cnn((12, 12, 1), widths=(4, 8)), projector="16-16").get_weights()
+    results = []
+    for fused in (False, True):
+        model = VICReg(small_cnn((12, 12, 1), widths=(4, 8)), projector="16-16", fused_batchnorm=fused)
+        model.set_weights(initial)
+        model.compile(optimizer=keras.optimizers.SGD(0.05))
+        model.fit(_dataset(views, 16), epochs=1, verbose=0)
+        assert ("FusedBatchNormV3" in _batchnorm_op_types(model.backbone, (16, 12, 12, 1))) == fused
+        results.append(model.get_weights())  # moving means and variances included
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert VICReg.from_config(model.get_config()).fused_batchnorm
+
+
+def test_fused_batchnorm_keeps_synchronized_statistics_across_replicas():
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = VICReg(_mlp(), projector="16-16")
+    ops = _batchnorm_op_types(model.backbone, (8, 16), strategy)
+    assert "FusedBatchNormV3" not in ops  # two replicas: Keras' all-reduced moments, not the fused kernel
+
+
 def test_jit_compile_step_matches_eager_graph_step():
     views = _cluster_views(64)
     keras.utils.set_random_seed(3)

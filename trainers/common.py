@@ -167,7 +167,7 @@ def make_optimizer(config, steps_per_epoch: int):
     warmup = min(steps_per_epoch * opt.warmup_epochs, total - 1)
     schedule = warmup_cosine(peak, total_steps=total, warmup_steps=warmup, final_fraction=opt.final_fraction)
     if opt.name == "lars":
-        return LARS(learning_rate=schedule, weight_decay=opt.weight_decay)
+        return LARS(learning_rate=schedule, weight_decay=opt.weight_decay, eta=opt.eta)
     if opt.name == "adamw":
         return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=opt.weight_decay)
     raise ValueError(f"unknown optimizer.name {opt.name!r}; expected 'lars' or 'adamw'")

@@ -13,6 +13,15 @@ Public API:
     export_for_serving     the TF Serving export (serving)
 Submodules: backbones, augment, data, evaluation, serving, transfer.
 """
+import os as _os
+
+# oneDNN CPU kernels. TensorFlow turns them on by default only on CPUs with AVX-512
+# VNNI/BF16 or AMX; on others (this project's AVX2 AMD EPYC) it falls back to Eigen
+# kernels built without AVX2/FMA, and a VICReg train step is about 2x slower
+# (bench/throughput.py, docs/BENCHMARKS.md). Read once, when TensorFlow loads: this
+# only helps if vicreg_tf is imported first; an explicit user setting wins.
+_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
 from vicreg_tf.distribute import gather_replicas, num_replicas
 from vicreg_tf.losses import covariance_loss, invariance_loss, variance_loss, vicreg_loss
 from vicreg_tf.model import VICReg, StopOnNonFiniteLoss

@@ -149,8 +149,13 @@ def _where_images(mask, if_true, if_false):
 def _apply_to_subset(images, mask, fn):
     """fn on the images where mask is True only: rarely applied ops cost little."""
     indices = tf.where(mask)
-    changed = fn(tf.gather_nd(images, indices), indices[:, 0])
-    return tf.tensor_scatter_nd_update(images, indices, changed)
+
+    def apply():
+        changed = fn(tf.gather_nd(images, indices), indices[:, 0])
+        return tf.tensor_scatter_nd_update(images, indices, changed)
+
+    # An empty subset skips fn: oneDNN's depthwise convolution rejects zero-sized inputs.
+    return tf.cond(tf.shape(indices)[0] > 0, apply, lambda: tf.identity(images))
 
 
 def _grayscale(images):

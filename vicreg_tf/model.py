@@ -1,6 +1,7 @@
 """The VICReg Keras model: backbone + expander, trained with the VICReg loss in `train_step`."""
 from __future__ import annotations
 
+import functools
 import math
 
 import keras
@@ -38,6 +39,63 @@ def synchronize_batchnorm(model: keras.layers.Layer) -> None:
             layer.synchronized = True
 
 
+def _fused_batchnorm_call(layer, inputs, training=None, mask=None):
+    """`BatchNormalization.call` through TensorFlow's fused kernel where that gives the same result.
+
+    Keras 3 normalises with separate element-wise ops (moments, then
+    scale-and-shift, and as many again backward); TF's FusedBatchNormV3 does each
+    direction in one pass. Taken in training mode for NHWC or 2-D inputs
+    normalised over the last axis, on one replica (or with `synchronized=False`),
+    without mask or renorm; anything else goes to Keras' own code. Same
+    statistics as Keras: the batch variance used for the moving average is the
+    biased one (TF's kernel returns the unbiased one; it is converted back).
+    """
+    rank = len(inputs.shape)
+    fused = (
+        not isinstance(training, tf.Tensor) and bool(training) and layer.trainable
+        and mask is None and not layer.renorm and rank in (2, 4)
+        and layer.axis in (-1, rank - 1) and inputs.shape[-1] is not None
+        and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16)
+        and (not layer.synchronized or tf.distribute.get_strategy().num_replicas_in_sync == 1)
+    )
+    if not fused:
+        return type(layer).call(layer, inputs, training=training, mask=mask)
+    channels = inputs.shape[-1]
+    x = tf.cast(inputs, tf.float32)  # Keras also normalises half-precision inputs in float32
+    if rank == 2:
+        x = tf.reshape(x, [-1, 1, 1, channels])
+    scale = tf.cast(layer.gamma, tf.float32) if layer.scale else tf.ones([channels], tf.float32)
+    offset = tf.cast(layer.beta, tf.float32) if layer.center else tf.zeros([channels], tf.float32)
+    y, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
+        x, scale, offset, epsilon=layer.epsilon, data_format="NHWC", is_training=True
+    )
+    count = tf.cast(tf.size(x) // channels, tf.float32)
+    variance = unbiased_variance * tf.maximum(count - 1.0, 0.0) / count
+    momentum = layer.momentum
+    layer.moving_mean.assign(tf.cast(layer.moving_mean, tf.float32) * momentum + mean * (1.0 - momentum))
+    layer.moving_variance.assign(
+        tf.cast(layer.moving_variance, tf.float32) * momentum + variance * (1.0 - momentum)
+    )
+    if rank == 2:
+        y = tf.reshape(y, tf.shape(inputs))
+    return tf.cast(y, layer.compute_dtype)
+
+
+def use_fused_batchnorm(model: keras.layers.Layer, enabled: bool = True) -> None:
+    """Routes every BatchNormalization in `model` through TF's fused kernel in training (or back).
+
+    An instance-level switch, not a new layer class: the layers stay plain
+    `keras.layers.BatchNormalization`, so saved backbones load without vicreg_tf.
+    Measured in bench/throughput.py (2-core CPU, small CNN): see docs/BENCHMARKS.md.
+    """
+    for layer in model._flatten_layers(include_self=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if enabled:
+                layer.call = functools.partial(_fused_batchnorm_call, layer)
+            elif "call" in layer.__dict__:
+                del layer.__dict__["call"]
+
+
 def _embedding_std(z: tf.Tensor) -> tf.Tensor:
     """Mean over dimensions of the per-dimension std: 0 means collapse."""
     return tf.reduce_mean(tf.math.reduce_std(tf.stop_gradient(z), axis=0))
@@ -69,6 +127,8 @@ class VICReg(keras.Model):
         sync_batchnorm: make every BatchNormalization of the backbone(s)
             synchronized across replicas, like the official code's
             `convert_sync_batchnorm` (the expander's always is).
+        fused_batchnorm: run BatchNormalization through TF's fused kernel while
+            training where the result is the same (see `use_fused_batchnorm`).
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -90,6 +150,7 @@ class VICReg(keras.Model):
         gamma: float = 1.0,
         eps: float = 1e-4,
         sync_batchnorm: bool = True,
+        fused_batchnorm: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -112,6 +173,10 @@ class VICReg(keras.Model):
             for encoder in (backbone, second_backbone):
                 if encoder is not None:
                     synchronize_batchnorm(encoder)
+        self.fused_batchnorm = bool(fused_batchnorm)
+        for part in (backbone, second_backbone, self.projector, self.second_projector):
+            if part is not None:
+                use_fused_batchnorm(part, self.fused_batchnorm)
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.invariance_tracker = keras.metrics.Mean(name="invariance")
         self.variance_tracker = keras.metrics.Mean(name="variance")
@@ -278,6 +343,7 @@ class VICReg(keras.Model):
             "gamma": self.gamma,
             "eps": self.eps,
             "sync_batchnorm": self.sync_batchnorm,
+            "fused_batchnorm": self.fused_batchnorm,
         }
 
     @classmethod
