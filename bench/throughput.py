@@ -39,12 +39,13 @@ NETWORKS = {  # name -> (height, width, channels)
 }
 # variant -> (library, options)
 VARIANTS = {
-    "tf": ("tf", {}),
+    "tf": ("tf", {}),  # the package's defaults: oneDNN kernels on, fused BatchNormalization
     "tf_xla": ("tf", {"jit_compile": True}),
     "tf_bf16": ("tf", {"mixed_precision": "mixed_bfloat16"}),
-    # Experiment: plain BatchNormalization (not synchronized) in backbone and expander; with one
-    # replica the result is the same, but Keras' synchronized moments cost extra passes.
-    "tf_unsynced_bn": ("tf", {"unsynced_bn": True}),
+    # The two fixes, one at a time: Keras' own BatchNormalization (oneDNN on), and neither
+    # (TF's default on CPUs without AVX-512 VNNI/AMX: Eigen kernels, Keras BN; vicreg-tf <= 69da234).
+    "tf_keras_bn": ("tf", {"fused_batchnorm": False}),
+    "tf_eigen": ("tf", {"onednn": "0", "fused_batchnorm": False}),
     "torch_lightly": ("torch", {"loss": "lightly"}),
     "torch_official": ("torch", {"loss": "official"}),
 }
@@ -52,7 +53,8 @@ LABELS = {
     "tf": "vicreg-tf (tf.function)",
     "tf_xla": "vicreg-tf, jit_compile=True",
     "tf_bf16": "vicreg-tf, mixed_bfloat16",
-    "tf_unsynced_bn": "vicreg-tf, BN not synchronized (experiment)",
+    "tf_keras_bn": "vicreg-tf, Keras BatchNormalization (not fused)",
+    "tf_eigen": "vicreg-tf, no oneDNN, Keras BatchNormalization (previous default)",
     "torch_lightly": "PyTorch + lightly VICRegLoss",
     "torch_official": "PyTorch + official formula",
 }
@@ -100,7 +102,8 @@ class Worker:
         library, options = VARIANTS[variant]
         python = MAIN_PYTHON if library == "tf" else peer_python
         spec = {"library": library, "network": network, "batch": batch, "expander": expander, **options}
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT),
+                   TF_ENABLE_ONEDNN_OPTS=options.get("onednn", "1"))
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(log_dir / f"throughput-{network}-{variant}.log", "w")
         self.variant = variant
@@ -169,14 +172,7 @@ def _tf_worker(spec: dict) -> None:
     keras.utils.set_random_seed(0)
     h, w, c = NETWORKS[spec["network"]]
     backbone = getattr(backbones, spec["network"])((h, w, c))
-    if spec.get("unsynced_bn"):
-        expander = vicreg_tf.build_projector(spec["expander"])
-        for layer in expander.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.synchronized = False
-        model = vicreg_tf.VICReg(backbone, projector=expander, sync_batchnorm=False)
-    else:
-        model = vicreg_tf.VICReg(backbone, projector=spec["expander"])
+    model = vicreg_tf.VICReg(backbone, projector=spec["expander"], fused_batchnorm=spec.get("fused_batchnorm", True))
     batch = spec["batch"]
     lr = vicreg_tf.warmup_cosine(vicreg_tf.scaled_learning_rate(LR_BASE, batch), TOTAL_STEPS, WARMUP_STEPS)
     model.compile(optimizer=vicreg_tf.LARS(lr, weight_decay=WEIGHT_DECAY), jit_compile=bool(spec.get("jit_compile")))
@@ -238,8 +234,8 @@ def _op_category(name: str) -> str:
         return "LARS update"
     if op_type in ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter", "MatMul", "BatchMatMulV2"):
         return op_type
-    if "/bn" in name or "batch_normalization" in name.lower():
-        return "BatchNorm (elementwise, fwd + bwd)"
+    if "/bn" in name or "batch_normalization" in name.lower() or "FusedBatchNorm" in op_type:
+        return "BatchNorm (fwd + bwd)"
     return "other (ReLU, pooling, loss, casts, ...)"
 
 
@@ -464,7 +460,7 @@ def run(args) -> dict:
                     print(f"  {network} rep {rep} {v}: {results[v]['images_per_s_reps'][-1]:.1f} images/s", flush=True)
                 write_results(args.out, payload, markdown(payload))
             if args.profile and network in args.components_networks.split(","):
-                for v in [v for v in order if v in ("tf", "tf_unsynced_bn")]:
+                for v in [v for v in order if v in ("tf", "tf_eigen")]:
                     payload.setdefault("profile", {}).setdefault(network, {})[v] = workers[v].ask(f"profile {args.profile}")
                     write_results(args.out, payload, markdown(payload))
             if args.components and network in args.components_networks.split(","):
@@ -501,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--networks", default="small_cnn,resnet18_cifar")
-    parser.add_argument("--variants", default="tf,torch_lightly,tf_xla,torch_official",
+    parser.add_argument("--variants", default="tf,torch_lightly,tf_eigen,tf_keras_bn,tf_xla,torch_official",
                         help="timed alternately; tf_bf16 is also a variant (slow on CPUs without bf16 units)")
     parser.add_argument("--bf16-probe", default="small_cnn",
                         help="networks where mixed_bfloat16 gets a short probe (1 warm-up + 2 steps, once); '' for none")
@@ -511,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
     parser.add_argument("--resnet-steps", type=int, default=1, help="timed steps per repetition for resnet18_cifar (0: --steps)")
     parser.add_argument("--resnet-warmup", type=int, default=2, help="warm-up steps for resnet18_cifar (0: --warmup)")
-    parser.add_argument("--resnet-variants", default="tf,torch_lightly,tf_xla", help="variants for resnet18_cifar ('': --variants)")
+    parser.add_argument("--resnet-variants", default="tf,torch_lightly,tf_eigen,tf_xla", help="variants for resnet18_cifar ('': --variants)")
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions")
     parser.add_argument("--components", type=int, default=2, help="calls for the forward / backward breakdown (0: off)")
     parser.add_argument("--components-networks", default="small_cnn", help="networks that get the breakdown")

@@ -166,7 +166,8 @@ def test_paper_views_per_image_probabilities(paper, view, step, probe, expected)
         ("view_b", "blur", _changed_probe, 0.1),
         ("view_a", "solarize", _solarize_probe, 0.0),
         ("view_b", "solarize", _solarize_probe, 0.2),
-        ("view_a", "jitter", _changed_probe, 0.0),
+        ("view_a", "jitter", _changed_probe, 0.8),  # brightness / contrast only
+        ("view_b", "jitter", _changed_probe, 0.8),
     ],
 )
 def test_grayscale_views_per_image_probabilities(gray, view, step, probe, expected):
