@@ -21,5 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.knn_every = 1
     config.eval.knn_k = (5,)
     config.eval.knn_max_train = 256
-    config.eval.linear_epochs = 2
+    config.eval.linear_epochs = 20  # 512 images: one probe step per epoch
     return config
