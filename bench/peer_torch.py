@@ -221,8 +221,8 @@ def exclude_bias_and_norm(p):
     return p.ndim == 1
 
 
-def make_lars(model: nn.Module, lr: float, weight_decay: float) -> LARS:
-    return LARS(model.parameters(), lr=lr, weight_decay=weight_decay,
+def make_lars(model: nn.Module, lr: float, weight_decay: float, eta: float = 0.001) -> LARS:
+    return LARS(model.parameters(), lr=lr, weight_decay=weight_decay, eta=eta,
                 weight_decay_filter=exclude_bias_and_norm, lars_adaptation_filter=exclude_bias_and_norm)
 
 
@@ -311,10 +311,33 @@ def gaussian_blur(x, probability, sigma, generator):
     return out
 
 
-def view(x, generator, *, crop_area, crop_aspect, flip_prob, blur_prob, blur_sigma, solarize_prob, threshold=0.5):
+def gray_jitter(x, probability, brightness, contrast, generator):
+    """torchvision's ColorJitter on one-channel images (vicreg_tf.augment.RandomColorJitter):
+    brightness (multiply) and contrast (blend with the image's mean), factors uniform in
+    [max(0, 1 - s), 1 + s], in a random order per image, each result clipped to [0, 1]."""
+    n = x.shape[0]
+    apply = torch.rand(n, generator=generator) < probability
+    f_b = _uniform(n, max(0.0, 1 - brightness), 1 + brightness, generator)[:, None, None, None]
+    f_c = _uniform(n, max(0.0, 1 - contrast), 1 + contrast, generator)[:, None, None, None]
+    contrast_first = (torch.rand(n, generator=generator) < 0.5)[:, None, None, None]
+
+    def do_brightness(y):
+        return (y * f_b).clamp(0, 1)
+
+    def do_contrast(y):
+        return (f_c * y + (1 - f_c) * y.mean(dim=(1, 2, 3), keepdim=True)).clamp(0, 1)
+
+    jittered = torch.where(contrast_first, do_brightness(do_contrast(x)), do_contrast(do_brightness(x)))
+    return _where_images(apply, jittered, x)
+
+
+def view(x, generator, *, crop_area, crop_aspect, flip_prob, blur_prob, blur_sigma, solarize_prob, threshold=0.5,
+         jitter_prob=0.0, brightness=0.0, contrast=0.0):
     n = x.shape[0]
     x = random_resized_crop(x, crop_area, crop_aspect, generator)
     x = _where_images(torch.rand(n, generator=generator) < flip_prob, x.flip(-1), x)
+    if jitter_prob > 0:
+        x = gray_jitter(x, jitter_prob, brightness, contrast, generator)
     if blur_prob > 0:
         x = gaussian_blur(x, blur_prob, blur_sigma, generator)
     if solarize_prob > 0:
@@ -324,8 +347,10 @@ def view(x, generator, *, crop_area, crop_aspect, flip_prob, blur_prob, blur_sig
 
 
 def grayscale_views(x, generator):
-    """vicreg_tf.augment.grayscale_views: crop 0.2-1, flip, blur 0.5 / 0.1 (sigma 0.1-1), solarize 0 / 0.2."""
-    common = dict(crop_area=(0.2, 1.0), crop_aspect=(3 / 4, 4 / 3), flip_prob=0.5, blur_sigma=(0.1, 1.0))
+    """vicreg_tf.augment.grayscale_views: crop 0.2-1, flip, brightness/contrast jitter p 0.8
+    (strengths 0.4), blur 0.5 / 0.1 (sigma 0.1-1), solarize 0 / 0.2."""
+    common = dict(crop_area=(0.2, 1.0), crop_aspect=(3 / 4, 4 / 3), flip_prob=0.5, blur_sigma=(0.1, 1.0),
+                  jitter_prob=0.8, brightness=0.4, contrast=0.4)
     view_a = view(x, generator, blur_prob=0.5, solarize_prob=0.0, **common)
     view_b = view(x, generator, blur_prob=0.1, solarize_prob=0.2, **common)
     return view_a, view_b

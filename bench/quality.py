@@ -1,14 +1,15 @@
 """Learning quality at equal budget on Fashion-MNIST: vicreg-tf against the PyTorch peer, plus baselines.
 
-Usage: python -m bench.quality [--epochs 2] [--limit 0] [--only tf_vicreg,torch_vicreg,...]
+Usage: python -m bench.quality [--epochs 5] [--limit 0] [--only tf_vicreg,torch_vicreg,...]
            [--data /usr/share/datasets/fashion-mnist]
 
 Both sides train the same small CNN (vicreg_tf.backbones.small_cnn / its port in
 bench/peer_torch.py) with the recipe of configs/fashion_mnist.py: expander 1024-1024-1024,
-loss weights 25/25/1, batch 256, LARS (base lr 0.3 x batch / 256, weight decay 1e-5,
-eta 0.001, 1-D parameters excluded), 1 warm-up epoch then cosine to 0.001 x peak, the same
+loss weights 25/25/1, batch 256, LARS (base lr 0.3 x batch / 256, weight decay 1e-4,
+eta 0.02, 1-D parameters excluded), 1 warm-up epoch then cosine to 0.001 x peak, the same
 number of epochs, and the views of vicreg_tf.augment.grayscale_views (crop area 0.2-1,
-flip, blur p 0.5 / 0.1 with sigma 0.1-1, solarize p 0 / 0.2). vicreg-tf uses its own
+flip, brightness/contrast jitter p 0.8 with strengths 0.4, blur p 0.5 / 0.1 with sigma
+0.1-1, solarize p 0 / 0.2). vicreg-tf uses its own
 pipeline (vicreg_tf.training.resumable_view_pairs); PyTorch uses lightly's VICRegLoss, the
 official LARS and schedule and bench.peer_torch.grayscale_views. Each side writes the
 backbone's features of the 60000 train and 10000 test images (BatchNorm in inference mode)
@@ -45,7 +46,7 @@ LABELS = {
     "tf_random": "random-weight CNN",
     "pixels": "raw pixels",
 }
-RECIPE = dict(expander="1024-1024-1024", batch=256, base_lr=0.3, weight_decay=1e-5, warmup_epochs=1,
+RECIPE = dict(expander="1024-1024-1024", batch=256, base_lr=0.3, weight_decay=1e-4, eta=0.02, warmup_epochs=1,
               final_fraction=0.001, seed=0)
 PROTOCOL = "@@"
 
@@ -149,7 +150,7 @@ def _tf_child(task: dict) -> dict:
     if task["stage"] in ("tf_vicreg", "tf_supervised"):
         peak = vicreg_tf.scaled_learning_rate(RECIPE["base_lr"], batch)
         lr = vicreg_tf.warmup_cosine(peak, total, warmup, RECIPE["final_fraction"])
-        optimizer = vicreg_tf.LARS(lr, weight_decay=RECIPE["weight_decay"])
+        optimizer = vicreg_tf.LARS(lr, weight_decay=RECIPE["weight_decay"], eta=RECIPE["eta"])
         views = augment.grayscale_views(28, seed=RECIPE["seed"])
         if task["stage"] == "tf_vicreg":
             model = vicreg_tf.VICReg(backbone, projector=RECIPE["expander"])
@@ -191,7 +192,7 @@ def _torch_child(task: dict) -> dict:
     batch = RECIPE["batch"]
     base_lr = RECIPE["base_lr"] * batch / 256
     model = peer_torch.VICRegPeer("small_cnn", RECIPE["expander"], 1).train()
-    optimizer = peer_torch.make_lars(model, lr=base_lr, weight_decay=RECIPE["weight_decay"])
+    optimizer = peer_torch.make_lars(model, lr=base_lr, weight_decay=RECIPE["weight_decay"], eta=RECIPE["eta"])
     loss_fn = peer_torch.make_loss("lightly")
     step, t0, augment_s = 0, time.perf_counter(), 0.0
     for epoch in range(task["epochs"]):
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs, the same for every trained row")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs, the same for every trained row (configs/fashion_mnist.py: 5)")
     parser.add_argument("--limit", type=int, default=0, help="train on the first N training images (0: all 60000)")
     parser.add_argument("--only", default=",".join(STAGES), help="rows to compute, from " + ",".join(STAGES))
     parser.add_argument("--probe-epochs", type=int, default=30)

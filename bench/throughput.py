@@ -228,8 +228,19 @@ def _tf_worker(spec: dict) -> None:
     _serve(step, components, lambda n: _tf_profile(step, n))
 
 
-def _op_category(name: str) -> str:
+def _op_type(name: str) -> str:
+    """The op type of a profile event name ("scope/op:Type"), with oneDNN's kernel prefixes and
+    fusions folded in: _MklNativeConv2D -> Conv2D, _MklNativeFusedMatMul (matmul + bias) -> MatMul."""
     op_type = name.rsplit(":", 1)[-1]
+    for prefix in ("_MklNative", "_Mkl"):
+        if op_type.startswith(prefix):
+            op_type = op_type[len(prefix):]
+            break
+    return {"FusedMatMul": "MatMul", "FusedConv2D": "Conv2D"}.get(op_type, op_type)
+
+
+def _op_category(name: str) -> str:
+    op_type = _op_type(name)
     if "/lars/" in name or name.startswith("lars/"):
         return "LARS update"
     if op_type in ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter", "MatMul", "BatchMatMulV2"):
