@@ -1,7 +1,10 @@
 """Learning quality at equal budget on Fashion-MNIST: vicreg-tf against the PyTorch peer, plus baselines.
 
 Usage: python -m bench.quality [--epochs 5] [--limit 0] [--only tf_vicreg,torch_vicreg,...]
-           [--data /usr/share/datasets/fashion-mnist]
+           [--seed 0 --out quality] [--data /usr/share/datasets/fashion-mnist]
+
+Another --seed (with its own --out) repeats the trained rows with other initial weights,
+views and order: the run-to-run spread that a difference between rows has to beat.
 
 Both sides train the same small CNN (vicreg_tf.backbones.small_cnn / its port in
 bench/peer_torch.py) with the recipe of configs/fashion_mnist.py: expander 1024-1024-1024,
@@ -133,14 +136,22 @@ def linear_probe_accuracy(train, train_y, test, test_y, epochs: int = 30, batch:
 # -- training children ----------------------------------------------------------------------------------
 
 
+def _prefix(seed: int) -> str:
+    """File-name prefix of a run's features and logs: none for the recipe's seed."""
+    return "" if seed == RECIPE["seed"] else f"seed{seed}_"
+
+
 def _tf_child(task: dict) -> dict:
+    import vicreg_tf  # first: it turns TensorFlow's oneDNN kernels on before TensorFlow loads
+
     import keras
     import tensorflow as tf
 
-    import vicreg_tf
     from vicreg_tf import augment, backbones, training
 
-    keras.utils.set_random_seed(RECIPE["seed"])
+    seed = task.get("seed", RECIPE["seed"])
+
+    keras.utils.set_random_seed(seed)
     x_train, y_train, x_test, _ = load_fashion_mnist(Path(task["data"]))
     pre = x_train[: task["limit"] or None]
     steps, total, warmup = _schedule(len(pre), task["epochs"])
@@ -151,21 +162,21 @@ def _tf_child(task: dict) -> dict:
         peak = vicreg_tf.scaled_learning_rate(RECIPE["base_lr"], batch)
         lr = vicreg_tf.warmup_cosine(peak, total, warmup, RECIPE["final_fraction"])
         optimizer = vicreg_tf.LARS(lr, weight_decay=RECIPE["weight_decay"], eta=RECIPE["eta"])
-        views = augment.grayscale_views(28, seed=RECIPE["seed"])
+        views = augment.grayscale_views(28, seed=seed)
         if task["stage"] == "tf_vicreg":
             model = vicreg_tf.VICReg(backbone, projector=RECIPE["expander"])
             dataset = training.resumable_view_pairs(
                 tf.data.Dataset.from_tensor_slices(pre), views, batch, steps_per_epoch=steps,
-                epochs=task["epochs"], seed=RECIPE["seed"], shuffle_buffer=len(pre))
+                epochs=task["epochs"], seed=seed, shuffle_buffer=len(pre))
             model.compile(optimizer=optimizer)
         else:
             inputs = keras.Input((28, 28, 1))
             model = keras.Model(inputs, keras.layers.Dense(10)(backbone(inputs)))
             labelled = tf.data.Dataset.from_tensor_slices((pre, y_train[: len(pre)]))
             dataset = tf.data.Dataset.zip((
-                labelled.shuffle(len(pre), seed=RECIPE["seed"]).repeat().batch(batch, drop_remainder=True),
-                tf.data.Dataset.random(RECIPE["seed"]).batch(2),
-            )).map(lambda xy, seed: (views.view_a(xy[0], seed=seed), xy[1]), num_parallel_calls=tf.data.AUTOTUNE)
+                labelled.shuffle(len(pre), seed=seed).repeat().batch(batch, drop_remainder=True),
+                tf.data.Dataset.random(seed).batch(2),
+            )).map(lambda xy, pair_seed: (views.view_a(xy[0], seed=pair_seed), xy[1]), num_parallel_calls=tf.data.AUTOTUNE)
             dataset = dataset.prefetch(tf.data.AUTOTUNE)
             model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           metrics=["accuracy"])
@@ -175,7 +186,7 @@ def _tf_child(task: dict) -> dict:
                     final_metrics={k: float(v[-1]) for k, v in history.history.items()})
     n = task.get("eval_limit") or None
     for name, x in (("train", x_train[:n]), ("test", x_test[:n])):
-        np.save(OUT / f"{task['stage']}_{name}.npy", backbone.predict(x, batch_size=1024, verbose=0))
+        np.save(OUT / f"{_prefix(seed)}{task['stage']}_{name}.npy", backbone.predict(x, batch_size=1024, verbose=0))
     return info
 
 
@@ -184,8 +195,10 @@ def _torch_child(task: dict) -> dict:
 
     from bench import peer_torch
 
-    torch.manual_seed(RECIPE["seed"])
-    generator = torch.Generator().manual_seed(RECIPE["seed"])
+    seed = task.get("seed", RECIPE["seed"])
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     x_train, _, x_test, _ = load_fashion_mnist(Path(task["data"]))
     images = torch.from_numpy(x_train[: task["limit"] or None]).permute(0, 3, 1, 2).contiguous()
     steps, total, warmup = _schedule(len(images), task["epochs"])
@@ -214,22 +227,23 @@ def _torch_child(task: dict) -> dict:
         for name, x in (("train", x_train[:n]), ("test", x_test[:n])):
             x = torch.from_numpy(x).permute(0, 3, 1, 2)
             feats = torch.cat([model(x[i:i + 1024]) for i in range(0, len(x), 1024)])
-            np.save(OUT / f"{task['stage']}_{name}.npy", feats.numpy())
+            np.save(OUT / f"{_prefix(seed)}{task['stage']}_{name}.npy", feats.numpy())
     return info
 
 
 def _run_child(stage: str, args) -> dict:
     python = Path(args.peer_python) if stage.startswith("torch") else MAIN_PYTHON
     task = {"stage": stage, "epochs": args.epochs, "limit": args.limit, "data": str(args.data),
-            "eval_limit": args.eval_limit}
+            "eval_limit": args.eval_limit, "seed": args.seed}
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
-    with open(OUT / f"{stage}.log", "w") as log:
+    log_path = OUT / f"{_prefix(args.seed)}{stage}.log"
+    with open(log_path, "w") as log:
         proc = subprocess.run([str(python), "-m", "bench.quality", "--child", json.dumps(task)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=log, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith(PROTOCOL):
             return json.loads(line[len(PROTOCOL):])
-    raise RuntimeError(f"{stage} failed (rc={proc.returncode}); see {OUT / (stage + '.log')}")
+    raise RuntimeError(f"{stage} failed (rc={proc.returncode}); see {log_path}")
 
 
 # -- the parent --------------------------------------------------------------------------------------------
@@ -238,7 +252,7 @@ def _run_child(stage: str, args) -> dict:
 def markdown(payload: dict) -> str:
     text = [f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores; date {payload['machine']['date']}. "
             f"Fashion-MNIST, small CNN (128 features), {payload['epochs']} epoch(s) on "
-            f"{payload['train_images']} training images, batch {RECIPE['batch']}, expander {RECIPE['expander']}, "
+            f"{payload['train_images']} training images, seed {payload.get('seed', RECIPE['seed'])}, batch {RECIPE['batch']}, expander {RECIPE['expander']}, "
             f"LARS + warmup-cosine (configs/fashion_mnist.py). kNN k=20 cosine T=0.07 and a linear probe "
             f"({payload['probe_epochs']} epochs, NumPy) on the features of "
             f"{'the first %d train / test images' % payload['eval_limit'] if payload.get('eval_limit') else 'the 60000 train / 10000 test images'}. "
@@ -265,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-epochs", type=int, default=30)
     parser.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N train and test images (0: all; for smoke tests)")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained at once (1: one after another)")
+    parser.add_argument("--seed", type=int, default=RECIPE["seed"], help="seed of the trained rows (weights, views, order)")
+    parser.add_argument("--out", default="quality", help="name of the result files in bench/results")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--peer-python", default=str(PEER_PYTHON))
     args = parser.parse_args(argv)
@@ -282,12 +298,13 @@ def main(argv: list[str] | None = None) -> int:
         x_train, y_train = x_train[: args.eval_limit], y_train[: args.eval_limit]
         x_test, y_test = x_test[: args.eval_limit], y_test[: args.eval_limit]
     payload = {"machine": machine(), "epochs": args.epochs, "train_images": args.limit or 60000, "eval_limit": args.eval_limit,
-               "probe_epochs": args.probe_epochs, "recipe": RECIPE, "rows": {}, "jobs": args.jobs,
+               "probe_epochs": args.probe_epochs, "recipe": RECIPE, "seed": args.seed, "rows": {}, "jobs": args.jobs,
                "command": "python -m bench.quality " + " ".join(argv)}
-    previous = RESULTS / "quality.json"
+    previous = RESULTS / f"{args.out}.json"
     if previous.exists():  # keep rows of an earlier run with the same settings (--only reruns some)
         old = json.loads(previous.read_text())
-        if all(old.get(k) == payload[k] for k in ("epochs", "train_images", "eval_limit")):
+        if all(old.get(k, RECIPE["seed"] if k == "seed" else None) == payload[k]
+               for k in ("epochs", "train_images", "eval_limit", "seed")):
             payload["rows"] = old.get("rows", {})
     stages = [s for s in args.only.split(",") if s]
     for stage in stages:
@@ -317,13 +334,14 @@ def main(argv: list[str] | None = None) -> int:
             if stage == "pixels":
                 train_x, test_x = x_train.reshape(len(x_train), -1), x_test.reshape(len(x_test), -1)
             else:
-                train_x, test_x = np.load(OUT / f"{stage}_train.npy"), np.load(OUT / f"{stage}_test.npy")
+                features = OUT / f"{_prefix(args.seed)}{stage}"
+                train_x, test_x = np.load(f"{features}_train.npy"), np.load(f"{features}_test.npy")
             info["knn"] = knn_accuracy(train_x, y_train, test_x, y_test)
             info["linear"] = linear_probe_accuracy(train_x, y_train, test_x, y_test, epochs=args.probe_epochs)
             info["jobs"] = args.jobs
             payload["rows"][stage] = info
             print(f"  {stage}: linear {100 * info['linear']:.1f}%, kNN {100 * info['knn']:.1f}%", flush=True)
-            write_results("quality", payload, markdown(payload))
+            write_results(args.out, payload, markdown(payload))
     print(markdown(payload))
     return 0
 
