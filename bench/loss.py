@@ -19,7 +19,6 @@ from pathlib import Path
 CHILD = r"""
 import json, os, resource, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as `import vicreg_tf` does
 import numpy as np, tensorflow as tf
 from vicreg_tf.losses import covariance_loss, invariance_loss, variance_loss
 
