@@ -17,6 +17,12 @@ _NON_FINITE_MESSAGE = (
     "Usual causes: a learning rate too high for the batch size, inputs with NaN, "
     "or float16 without loss scaling."
 )
+NON_FINITE_STEP_MESSAGE = (
+    "VICReg step not applied: the loss or the gradients are not finite (NaN or Inf); "
+    "the weights and BatchNorm statistics were left as they were before this step. "
+    "Usual causes: inputs with NaN or Inf, a learning rate too high for the batch size, "
+    "or float16 without loss scaling."
+)
 
 
 def _feature_shape(backbone) -> tuple | None:
@@ -304,11 +310,13 @@ class VICReg(keras.Model):
 
     def train_step(self, data):
         replicas = num_replicas()
+        # The forward pass updates BatchNorm moving statistics; keep a copy (a few
+        # floats per channel) so a step that is not applied leaves them untouched too.
+        state = [v for v in self.non_trainable_variables if "float" in str(v.dtype)]
+        saved = [tf.identity(v.value) for v in state]
         with tf.GradientTape() as tape:
             terms = self.compute_vicreg_terms(data, training=True)
             loss = terms["loss"]
-            if not self.jit_compile:
-                loss = tf.debugging.check_numerics(loss, _NON_FINITE_MESSAGE)
             if self.losses:  # e.g. kernel regularizers of the backbone
                 loss = loss + tf.add_n([tf.cast(l, tf.float32) for l in self.losses])
             # Keras sums gradients over replicas; every replica holds the same global loss.
@@ -316,13 +324,55 @@ class VICReg(keras.Model):
             scaled = self.optimizer.scale_loss(scaled)
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
-        if self.jit_compile:
-            # XLA drops check_numerics: keep the weights finite on a bad step, and
-            # let StopOnNonFiniteLoss end fit with the message.
-            finite = tf.math.is_finite(terms["loss"])
-            gradients = [tf.where(finite, g, tf.zeros_like(g)) for g in gradients]
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        # Checked on the gradients, not only the loss: a NaN input can give a finite
+        # loss (oneDNN's fused BatchNorm turns NaN activations into zeros) and NaN
+        # gradients. Decided over all replicas, so every replica takes the same branch.
+        finite = _all_replicas_finite(loss, gradients)
+
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # Overflowing float16 gradients are expected now and then: the loss-scale
+            # optimizer skips those steps and lowers its scale; only a non-finite
+            # loss is an error here.
+            self.optimizer.apply_gradients(zip(gradients, variables))
+            applied = tf.cond(finite, lambda: tf.constant(True), lambda: _restore(state, saved))
+            finite = tf.math.is_finite(loss)
+        else:
+            applied = self._apply_if_finite(finite, gradients, variables, state, saved)
+        if not self.jit_compile:  # XLA has no in-graph assertions: StopOnNonFiniteLoss ends fit
+            with tf.control_dependencies([applied]):
+                tf.debugging.Assert(finite, [NON_FINITE_STEP_MESSAGE, "loss:", loss])
+        # A skipped step reports a NaN loss, so logs and StopOnNonFiniteLoss see it.
+        terms["loss"] = tf.where(finite, terms["loss"], tf.constant(math.nan, tf.float32))
         return self._update_metrics(terms)
+
+    def _apply_if_finite(self, finite, gradients, variables, state, saved) -> tf.Tensor:
+        """Applies the gradients when `finite` (the same on every replica), else restores `state`."""
+        optimizer = self.optimizer
+
+        def apply(grads):
+            optimizer.apply_gradients(zip(grads, variables))
+            return tf.constant(True)
+
+        if not tf.distribute.has_strategy() or tf.__internal__.distribute.strategy_supports_no_merge_call():
+            return tf.cond(finite, lambda: apply(gradients), lambda: _restore(state, saved))
+
+        # The optimizer's update is a `merge_call`, which cannot sit in a cond in a
+        # replica context: take the cond in the cross-replica context (as Keras'
+        # LossScaleOptimizer does), where `finite` is one value for all replicas.
+        def cross_replica(distribution, finite, gradients, saved):
+            call = distribution.extended.call_for_each_replica
+
+            def apply_all():
+                call(apply, args=(gradients,))
+                return tf.constant(True)
+
+            def restore_all():
+                call(lambda values: _restore(state, values), args=(saved,))
+                return tf.constant(False)
+
+            return tf.cond(distribution.experimental_local_results(finite)[0], apply_all, restore_all)
+
+        return tf.distribute.get_replica_context().merge_call(cross_replica, args=(finite, gradients, saved))
 
     def test_step(self, data):
         return self._update_metrics(self.compute_vicreg_terms(data, training=False))
@@ -358,6 +408,34 @@ class VICReg(keras.Model):
         return cls(**config)
 
 
+_LARGEST_SQUARABLE = 1.8e19  # sqrt of the largest float32, 3.4e38
+
+
+def _restore(state, saved) -> tf.Tensor:
+    for variable, value in zip(state, saved):
+        variable.assign(value)
+    return tf.constant(False)
+
+
+def _all_replicas_finite(loss: tf.Tensor, gradients) -> tf.Tensor:
+    """True when `loss` and every gradient on every replica are finite (a scalar bool)."""
+    # Gradients must also be small enough to square: Adam's second moment and LARS'
+    # norms square them, and a finite gradient whose square overflows (|g| > 1.8e19,
+    # a diverging run) would still put NaN in the weights. NaN compares false.
+    ok = [tf.math.is_finite(tf.cast(loss, tf.float32))]
+    for gradient in gradients:
+        if gradient is None:
+            continue
+        if isinstance(gradient, tf.IndexedSlices):
+            gradient = gradient.values
+        ok.append(tf.reduce_all(tf.abs(tf.cast(gradient, tf.float32)) < _LARGEST_SQUARABLE))
+    bad = tf.cast(tf.logical_not(tf.reduce_all(tf.stack(ok))), tf.float32)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        bad = context.all_reduce(tf.distribute.ReduceOp.SUM, bad)
+    return bad < 0.5
+
+
 def _multi_worker(strategy) -> bool:
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
         strategy.extended._in_multi_worker_mode()
@@ -367,11 +445,11 @@ def _multi_worker(strategy) -> bool:
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Ends `fit` with a clear error as soon as a batch reports a NaN or Inf loss.
 
-    Without XLA the train step itself raises before applying the gradient; with
-    `jit_compile=True` the step applies a zero gradient instead (XLA has no
-    in-graph checks) and this callback stops fit. Either way the trainable
-    weights stay finite; BatchNorm moving statistics are updated in the forward
-    pass and may not, so resume from the last checkpoint or backup.
+    `VICReg.train_step` never applies a step whose loss or gradients are not
+    finite: the weights, the optimizer state and the BatchNorm moving statistics
+    stay as they were before it, and the step reports a NaN loss. Without XLA the
+    step then raises itself; with `jit_compile=True` (no in-graph assertions)
+    this callback ends fit.
     """
 
     def on_train_batch_end(self, batch, logs=None):
