@@ -120,3 +120,7 @@ def _load(path: Path) -> keras.Model:
             ) from first_error
     except Exception as e:  # a truncated or foreign zip file raises assorted errors
         raise ValueError(f"{path} is not a loadable .keras file: {e}") from e
+
+
+# The official VICReg checkpoints (PyTorch .pth) as Keras backbones; needs torch only when called.
+from vicreg_tf.torch_import import from_torch_checkpoint  # noqa: E402
