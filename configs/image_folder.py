@@ -1,7 +1,12 @@
 """VICReg on your own images: a folder (recursive; jpeg/png/bmp/gif), ResNet-18 at 64x64.
 
 Command:  vicreg-train --config=configs/image_folder.py --config.data.path=/path/to/images --workdir=runs/mine
-          Class sub-folders, where present, become labels for the kNN monitor and vicreg-eval.
+          Class sub-folders, where present, become labels for the kNN monitor and vicreg-eval,
+          which score a held-out 10% of the files (chosen by a hash of each name, never trained
+          on; --config.data.eval_path=/other/folder to evaluate on a folder of your own).
+Data:     streams from disk at any size (docs/DATA.md): file names are shuffled, each view's
+          crop is taken from the original photo (JPEG: only that window is decoded), unreadable
+          files are counted and reported once per epoch, nothing is decoded up front.
 Hardware: a GPU is advisable; on a 2-core CPU, expect a few images per second per core at 64x64.
 Result: depends on your data; watch embedding_std and the spectrum plot for collapse.
 """
@@ -16,7 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.source = "folder"
     config.data.name = ""
     config.data.image_size = 64
-    config.data.shuffle_buffer = 10000
+    config.data.train_split = "train"  # the files not held out
+    config.data.eval_split = "eval"  # data.eval_fraction of the files, or data.eval_path
     config.training.epochs = 200
     config.training.mixed_precision = ""
     config.training.jit_compile = False

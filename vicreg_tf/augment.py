@@ -138,8 +138,22 @@ def _uniform(seed, shape, low: float, high: float) -> tf.Tensor:
     return tf.random.stateless_uniform(shape, seed, minval=low, maxval=high, dtype=tf.float32)
 
 
-def _bernoulli(seed, batch, probability: float) -> tf.Tensor:
-    return tf.random.stateless_uniform([batch], seed, dtype=tf.float32) < probability
+def _row_uniform(seed, rows, batch, low: float, high: float, extra=()) -> tf.Tensor:
+    """Per-image random numbers, shape (batch, *extra).
+
+    With `rows=(row_ids, total)`, the images are rows `row_ids` of a global batch
+    of `total`: the numbers are drawn for the whole global batch and the rows
+    taken, so a worker that makes rows i..j gets exactly what one process
+    making the whole batch gets for them.
+    """
+    if rows is None:
+        return _uniform(seed, [batch, *extra], low, high)
+    row_ids, total = rows
+    return tf.gather(_uniform(seed, [total, *extra], low, high), row_ids)
+
+
+def _bernoulli(seed, batch, probability: float, rows=None) -> tf.Tensor:
+    return _row_uniform(seed, rows, batch, 0.0, 1.0) < probability
 
 
 def _where_images(mask, if_true, if_false):
@@ -156,6 +170,14 @@ def _apply_to_subset(images, mask, fn):
 
     # An empty subset skips fn: oneDNN's depthwise convolution rejects zero-sized inputs.
     return tf.cond(tf.shape(indices)[0] > 0, apply, lambda: tf.identity(images))
+
+
+def _as_seed(seed) -> tf.Tensor:
+    """Any integer seed pair -> the (2,) int32 tensor TensorFlow's stateless ops take."""
+    seed = tf.convert_to_tensor(seed)
+    if seed.dtype != tf.int32:
+        seed = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), _INT32_MAX), tf.int32)
+    return tf.ensure_shape(seed, [2])
 
 
 def _grayscale(images):
@@ -178,10 +200,7 @@ class _ImageAugmentation(keras.layers.Layer):
     def _draw_seed(self, seed):
         if seed is None:
             seed = self.seed_generator.next()
-        seed = tf.convert_to_tensor(seed)
-        if seed.dtype != tf.int32:
-            seed = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), _INT32_MAX), tf.int32)
-        return tf.ensure_shape(seed, [2])
+        return _as_seed(seed)
 
     def call(self, images, seed=None):
         images = _as_float_images(images)
@@ -194,7 +213,8 @@ class _ImageAugmentation(keras.layers.Layer):
         out = self.augment(batch, self._draw_seed(seed))
         return out[0] if unbatched else out
 
-    def augment(self, images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    def augment(self, images: tf.Tensor, seed: tf.Tensor, rows=None) -> tf.Tensor:
+        """Augments a batch; `rows=(row_ids, total)` draws as for rows of a global batch of `total`."""
         raise NotImplementedError
 
     def compute_output_shape(self, input_shape):
@@ -239,30 +259,55 @@ class RandomResizedCrop(_ImageAugmentation):
         self.area = _range("area", area, low=0.0, high=1.0, low_open=True)
         self.aspect = _range("aspect", aspect, low=0.0, low_open=True)
 
-    def augment(self, images, seed):
+    def sample(self, seed, batch, rows=None) -> dict:
+        """The crop's random numbers per image; the window follows from them and the image's size."""
+        seeds = tf.random.experimental.stateless_split(seed, 4)
+        log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
+        return {
+            "area": _row_uniform(seeds[0], rows, batch, *self.area, extra=(self._ATTEMPTS,)),
+            "log_ratio": _row_uniform(seeds[1], rows, batch, log_lo, log_hi, extra=(self._ATTEMPTS,)),
+            "top": _row_uniform(seeds[2], rows, batch, 0.0, 1.0),
+            "left": _row_uniform(seeds[3], rows, batch, 0.0, 1.0),
+        }
+
+    def window(self, params: dict, height, width):
+        """(top, left, crop_height, crop_width), float32, for images of `height` x `width`.
+
+        `params` holds one image's numbers (scalars and (10,) tries) or a batch's,
+        with `height`/`width` scalars or per image. As torchvision: the first of
+        ten tries whose area and aspect fit, else the largest center crop within
+        the aspect range.
+        """
+        height = tf.cast(height, tf.float32)
+        width = tf.cast(width, tf.float32)
+        h_, w_ = height[..., None], width[..., None]
+        target_area = h_ * w_ * params["area"]
+        ratio = tf.exp(params["log_ratio"])
+        crop_w = tf.round(tf.sqrt(target_area * ratio))
+        crop_h = tf.round(tf.sqrt(target_area / ratio))
+        fits = (crop_w > 0) & (crop_w <= w_) & (crop_h > 0) & (crop_h <= h_)
+        first = tf.argmax(tf.cast(fits, tf.int32), axis=-1, output_type=tf.int32)
+        crop_w = tf.gather(crop_w, first, batch_dims=first.shape.rank)
+        crop_h = tf.gather(crop_h, first, batch_dims=first.shape.rank)
+        in_ratio = width / height
+        fallback_w = tf.where(in_ratio > self.aspect[1], tf.round(height * self.aspect[1]), width)
+        fallback_h = tf.where(in_ratio < self.aspect[0], tf.round(width / self.aspect[0]), height)
+        any_fits = tf.reduce_any(fits, axis=-1)
+        crop_w = tf.maximum(tf.where(any_fits, crop_w, fallback_w), 1.0)
+        crop_h = tf.maximum(tf.where(any_fits, crop_h, fallback_h), 1.0)
+        top = tf.where(any_fits, tf.floor(params["top"] * (height - crop_h + 1)), tf.floor((height - crop_h) / 2))
+        left = tf.where(any_fits, tf.floor(params["left"] * (width - crop_w + 1)), tf.floor((width - crop_w) / 2))
+        return top, left, crop_h, crop_w
+
+    def augment(self, images, seed, rows=None):
+        return self.crop_batch(images, self.sample(seed, tf.shape(images)[0], rows))
+
+    def crop_batch(self, images, params) -> tf.Tensor:
+        """Crops equal-sized float images with `sample`'s numbers and resizes them: one vectorised call."""
         batch = tf.shape(images)[0]
         height = tf.cast(tf.shape(images)[1], tf.float32)
         width = tf.cast(tf.shape(images)[2], tf.float32)
-        seeds = tf.random.experimental.stateless_split(seed, 4)
-        tries = [batch, self._ATTEMPTS]
-        target_area = height * width * _uniform(seeds[0], tries, *self.area)
-        log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
-        ratio = tf.exp(_uniform(seeds[1], tries, log_lo, log_hi))
-        crop_w = tf.round(tf.sqrt(target_area * ratio))
-        crop_h = tf.round(tf.sqrt(target_area / ratio))
-        fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
-        first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
-        crop_w = tf.gather(crop_w, first, batch_dims=1)
-        crop_h = tf.gather(crop_h, first, batch_dims=1)
-        # No try fitted: torchvision's fallback, the largest center crop within the aspect range.
-        in_ratio = width / height
-        fallback_w = tf.where(in_ratio < self.aspect[0], width, tf.where(in_ratio > self.aspect[1], tf.round(height * self.aspect[1]), width))
-        fallback_h = tf.where(in_ratio < self.aspect[0], tf.round(width / self.aspect[0]), height)
-        any_fits = tf.reduce_any(fits, axis=1)
-        crop_w = tf.where(any_fits, crop_w, fallback_w)
-        crop_h = tf.where(any_fits, crop_h, fallback_h)
-        top = tf.where(any_fits, tf.floor(_uniform(seeds[2], [batch], 0.0, 1.0) * (height - crop_h + 1)), tf.floor((height - crop_h) / 2))
-        left = tf.where(any_fits, tf.floor(_uniform(seeds[3], [batch], 0.0, 1.0) * (width - crop_w + 1)), tf.floor((width - crop_w) / 2))
+        top, left, crop_h, crop_w = self.window(params, tf.fill([batch], height), tf.fill([batch], width))
         # crop_and_resize maps box coordinate 1.0 to the last pixel's centre.
         y_scale, x_scale = tf.maximum(height - 1, 1.0), tf.maximum(width - 1, 1.0)
         boxes = tf.stack(
@@ -297,10 +342,10 @@ class RandomHorizontalFlip(_ImageAugmentation):
         super().__init__(seed=seed, **kwargs)
         self.probability = _probability("probability", probability)
 
-    def augment(self, images, seed):
+    def augment(self, images, seed, rows=None):
         if self.probability == 0.0:
             return images
-        flip = _bernoulli(seed, tf.shape(images)[0], self.probability)
+        flip = _bernoulli(seed, tf.shape(images)[0], self.probability, rows)
         return _where_images(flip, tf.reverse(images, axis=[2]), images)
 
     def get_config(self):
@@ -371,16 +416,16 @@ class RandomColorJitter(_ImageAugmentation):
                 ops.append(((-self.hue, self.hue), hue))
         return ops
 
-    def augment(self, images, seed):
+    def augment(self, images, seed, rows=None):
         ops = self._ops(images.shape[-1])
         if self.probability == 0.0 or not ops:
             return images
         batch = tf.shape(images)[0]
         seeds = tf.random.experimental.stateless_split(seed, 2 + len(ops))
-        factors = [_uniform(seeds[2 + k], [batch], *bounds) for k, (bounds, _) in enumerate(ops)]
+        factors = [_row_uniform(seeds[2 + k], rows, batch, *bounds) for k, (bounds, _) in enumerate(ops)]
         # A random order per image, as torchvision's ColorJitter: each slot partitions
         # the images by the op they get there, so every op runs once per image.
-        order = tf.argsort(tf.random.stateless_uniform([batch, len(ops)], seeds[1]), axis=1)  # int32
+        order = tf.argsort(_row_uniform(seeds[1], rows, batch, 0.0, 1.0, extra=(len(ops),)), axis=1)  # int32
 
         def jitter(x, rows):
             count = tf.shape(x)[0]
@@ -400,7 +445,7 @@ class RandomColorJitter(_ImageAugmentation):
 
         if self.probability == 1.0:
             return jitter(images, tf.range(tf.cast(batch, tf.int64)))
-        return _apply_to_subset(images, _bernoulli(seeds[0], batch, self.probability), jitter)
+        return _apply_to_subset(images, _bernoulli(seeds[0], batch, self.probability, rows), jitter)
 
     def get_config(self):
         config = super().get_config()
@@ -433,11 +478,11 @@ class RandomGrayscale(_ImageAugmentation):
         super().__init__(seed=seed, **kwargs)
         self.probability = _probability("probability", probability)
 
-    def augment(self, images, seed):
+    def augment(self, images, seed, rows=None):
         if self.probability == 0.0 or images.shape[-1] != 3:
             return images
         gray = tf.tile(_grayscale(images), [1, 1, 1, 3])
-        return _where_images(_bernoulli(seed, tf.shape(images)[0], self.probability), gray, images)
+        return _where_images(_bernoulli(seed, tf.shape(images)[0], self.probability, rows), gray, images)
 
     def get_config(self):
         config = super().get_config()
@@ -469,12 +514,12 @@ class RandomGaussianBlur(_ImageAugmentation):
         self.probability = _probability("probability", probability)
         self.sigma = _range("sigma", sigma, low=0.0, low_open=True)
 
-    def augment(self, images, seed):
+    def augment(self, images, seed, rows=None):
         if self.probability == 0.0:
             return images
         batch = tf.shape(images)[0]
         seeds = tf.random.experimental.stateless_split(seed, 2)
-        sigmas = _uniform(seeds[1], [batch], *self.sigma)
+        sigmas = _row_uniform(seeds[1], rows, batch, *self.sigma)
         height, width, channels = images.shape[1], images.shape[2], images.shape[3]
         radius = math.ceil(3.0 * self.sigma[1])
         if height is not None and width is not None:
@@ -499,7 +544,7 @@ class RandomGaussianBlur(_ImageAugmentation):
 
         if self.probability == 1.0:
             return blur(images, tf.range(tf.cast(batch, tf.int64)))
-        return _apply_to_subset(images, _bernoulli(seeds[0], batch, self.probability), blur)
+        return _apply_to_subset(images, _bernoulli(seeds[0], batch, self.probability, rows), blur)
 
     def get_config(self):
         config = super().get_config()
@@ -529,10 +574,10 @@ class RandomSolarize(_ImageAugmentation):
         self.probability = _probability("probability", probability)
         self.threshold = _strength("threshold", threshold, high=1.0)
 
-    def augment(self, images, seed):
+    def augment(self, images, seed, rows=None):
         if self.probability == 0.0:
             return images
-        solarize = _bernoulli(seed, tf.shape(images)[0], self.probability)
+        solarize = _bernoulli(seed, tf.shape(images)[0], self.probability, rows)
         solarized = tf.where(images >= self.threshold, 1.0 - images, images)
         return _where_images(solarize, solarized, images)
 
@@ -618,13 +663,36 @@ class ViewPipeline(_ImageAugmentation):
         self.image_size = self.crop.image_size
         self._steps = (self.crop, self.flip, self.jitter, self.grayscale, self.blur, self.solarize)
 
-    def augment(self, images, seed):
+    def augment(self, images, seed, rows=None):
         seeds = tf.random.experimental.stateless_split(seed, len(self._steps))
-        for k, step in enumerate(self._steps):
-            images = step.augment(images, seeds[k])
+        images = self.crop.augment(images, seeds[0], rows)
+        return self._color(images, seeds, rows)
+
+    def _color(self, images, seeds, rows):
+        for k, step in enumerate(self._steps[1:], start=1):
+            images = step.augment(images, seeds[k], rows)
         if self.mean is not None:
             images = (images - tf.constant(self.mean)) / tf.constant(self.std)
         return images
+
+    # The two stages, for pipelines that crop where the image is decoded (CPU) and
+    # run the rest batched elsewhere (CPU or accelerator). Same seeds, same views.
+
+    def crop_params(self, seed, batch, rows=None) -> dict:
+        """Stage 1's random numbers per image (see `RandomResizedCrop.window`)."""
+        return self.crop.sample(tf.random.experimental.stateless_split(_as_seed(seed), len(self._steps))[0], batch, rows)
+
+    def crop_images(self, images, params) -> tf.Tensor:
+        """Stage 1 on a batch of equal-sized decoded images, with `crop_params`' numbers: float [0, 1]."""
+        return self.crop.crop_batch(_as_float_images(images), params)
+
+    def color(self, crops, seed, rows=None):
+        """Stage 2: flip, color jitter, grayscale, blur, solarize (and normalize) of cropped images.
+
+        `crops` are uint8 (or float in [0, 1]) images already of `image_size`;
+        `seed` is the same seed the whole pipeline would take.
+        """
+        return self._color(_as_float_images(crops), tf.random.experimental.stateless_split(_as_seed(seed), len(self._steps)), rows)
 
     def compute_output_shape(self, input_shape):
         return self.crop.compute_output_shape(input_shape)
@@ -701,11 +769,29 @@ class TwoViews(keras.layers.Layer):
     def call(self, images, seed=None):
         if seed is None:
             seed = self.seed_generator.next()
-        seed = tf.convert_to_tensor(seed)
-        if seed.dtype != tf.int32:
-            seed = tf.cast(tf.math.floormod(tf.cast(seed, tf.int64), _INT32_MAX), tf.int32)
-        seeds = tf.random.experimental.stateless_split(tf.ensure_shape(seed, [2]), 2)
+        seeds = self.view_seeds(seed)
         return self.view_a(images, seed=seeds[0]), self.view_b(images, seed=seeds[1])
+
+    @staticmethod
+    def view_seeds(seed) -> tf.Tensor:
+        """The (2, 2) seeds of view a and view b for a batch seed."""
+        return tf.random.experimental.stateless_split(_as_seed(seed), 2)
+
+    def augment(self, images, seed, rows=None):
+        """Both views of a batch, `rows=(row_ids, total)` as in the view layers."""
+        images = _as_float_images(images)
+        seeds = self.view_seeds(seed)
+        return self.view_a.augment(images, seeds[0], rows), self.view_b.augment(images, seeds[1], rows)
+
+    def crop_params(self, seed, batch, rows=None) -> tuple[dict, dict]:
+        """Stage 1 of both views: each view's crop numbers per image."""
+        seeds = self.view_seeds(seed)
+        return self.view_a.crop_params(seeds[0], batch, rows), self.view_b.crop_params(seeds[1], batch, rows)
+
+    def color(self, crops_a, crops_b, seed, rows=None):
+        """Stage 2 of both views on their cropped images (uint8 or [0, 1] floats)."""
+        seeds = self.view_seeds(seed)
+        return self.view_a.color(crops_a, seeds[0], rows), self.view_b.color(crops_b, seeds[1], rows)
 
     def compute_output_shape(self, input_shape):
         shape = self.view_a.compute_output_shape(input_shape)

@@ -40,20 +40,24 @@ def _check_input_shape(input_shape, mean) -> tuple:
 def small_cnn(
     input_shape=(28, 28, 1),
     widths: Sequence[int] = (32, 64, 128),
-    mean: Sequence[float] = FASHION_MNIST_MEAN,
-    std: Sequence[float] = FASHION_MNIST_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     name: str = "small_cnn",
 ) -> keras.Model:
     """A small VGG-style CNN for 28x28 / 32x32 images (the Fashion-MNIST config's backbone).
 
     Each stage is two 3x3 Conv-BN-ReLU blocks; stages after the first start with
     2x2 max-pooling; global average pooling gives `widths[-1]` features.
+    `mean`/`std` default to Fashion-MNIST's for one channel, ImageNet's for three.
 
     Example:
     >>> backbone = small_cnn((28, 28, 1))
     >>> backbone.output.shape
     (None, 128)
     """
+    if mean is None or std is None:
+        gray = len(tuple(input_shape)) == 3 and input_shape[-1] == 1
+        mean, std = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if gray else (IMAGENET_MEAN, IMAGENET_STD)
     shape = _check_input_shape(input_shape, mean)
     inputs = keras.Input(shape, name="images")
     x = _normalization(mean, std)(inputs)

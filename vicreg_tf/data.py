@@ -158,27 +158,10 @@ def _split_rows(split: str, count: int) -> slice:
     return slice(bound(start, start_pct), bound(stop, stop_pct))
 
 
-def fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None) -> tf.data.Dataset:
-    """Fashion-MNIST from local IDX files: (image (28, 28, 1) float32 in [0, 1], label int32 0-9).
+def fashion_mnist_arrays(split: str = "train", data_dir: str | os.PathLike | None = None):
+    """Fashion-MNIST from local IDX files as NumPy arrays: (uint8 images (N, 28, 28, 1), labels, folder read).
 
-    The files (`train-images-idx3-ubyte.gz` etc., gzipped or not) are looked up
-    in `data_dir`, else `$VICREG_DATA_DIR`, else /usr/share/datasets/fashion-mnist
-    (Debian's `dataset-fashion-mnist` package). Magic numbers and counts are
-    checked against the headers (the official files: 60000 train / 10000 test
-    images of 28x28; other counts are accepted with a logged warning).
-
-    Args:
-        split: "train" or "test", optionally sliced: "train[:1000]", "test[:10%]".
-        data_dir: folder with the four IDX files.
-
-    Raises:
-        FileNotFoundError: no folder searched holds the files; names the paths.
-
-    Example:
-    >>> images = fashion_mnist("test")
-    >>> image, label = next(iter(images))
-    >>> image.shape, label.dtype
-    (TensorShape([28, 28, 1]), tf.int32)
+    Looked up as `fashion_mnist` does; see there.
     """
     base = split.split("[", 1)[0].strip()
     if base not in _FASHION_MNIST_FILES:
@@ -212,7 +195,33 @@ def fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = Non
             f"got shape {labels.shape}, max {labels.max(initial=0)}"
         )
     rows = _split_rows(split, images.shape[0])
-    return from_arrays(images[rows, :, :, None], labels[rows])
+    return images[rows, :, :, None], labels[rows].astype(np.int32), images_path.parent.resolve()
+
+
+def fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = None) -> tf.data.Dataset:
+    """Fashion-MNIST from local IDX files: (image (28, 28, 1) float32 in [0, 1], label int32 0-9).
+
+    The files (`train-images-idx3-ubyte.gz` etc., gzipped or not) are looked up
+    in `data_dir`, else `$VICREG_DATA_DIR`, else /usr/share/datasets/fashion-mnist
+    (Debian's `dataset-fashion-mnist` package). Magic numbers and counts are
+    checked against the headers (the official files: 60000 train / 10000 test
+    images of 28x28; other counts are accepted with a logged warning).
+
+    Args:
+        split: "train" or "test", optionally sliced: "train[:1000]", "test[:10%]".
+        data_dir: folder with the four IDX files.
+
+    Raises:
+        FileNotFoundError: no folder searched holds the files; names the paths.
+
+    Example:
+    >>> images = fashion_mnist("test")
+    >>> image, label = next(iter(images))
+    >>> image.shape, label.dtype
+    (TensorShape([28, 28, 1]), tf.int32)
+    """
+    images, labels, _ = fashion_mnist_arrays(split, data_dir)
+    return from_arrays(images, labels)
 
 
 # -- arrays -------------------------------------------------------------------------------

@@ -143,23 +143,191 @@ def resumable_view_pairs(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
-def distribute_view_pairs(strategy: tf.distribute.Strategy, make_dataset: Callable[[], tf.data.Dataset],
+def view_pair_batches(
+    source,
+    two_views,
+    batch_size: int,
+    *,
+    steps_per_epoch: int,
+    start_epoch: int = 0,
+    epochs: int,
+    seed: int = 0,
+    shuffle_buffer: int = 10_000,
+    row_start: int = 0,
+    row_count: int | None = None,
+    device_views: bool = False,
+) -> tf.data.Dataset:
+    """This worker's rows of the global `(view_a, view_b)` batches for epochs `start_epoch..epochs-1`.
+
+    The streaming pipeline (docs/DATA.md): for each (epoch, step) the global batch
+    of *items* is fixed by (seed, epoch) alone: a permutation of file names or
+    array indices (random-access sources), or windows of `shuffle_buffer` encoded
+    records permuted in order (record sources). This worker takes rows
+    `row_start .. row_start + row_count` of it and decodes only those: each view's
+    random resized crop is sampled on the original image's size and, for JPEG,
+    only that window is decoded, then resized to the view size (uint8). Then the
+    rest of the views (flip, color jitter, grayscale, blur, solarize) are made
+    batched, with random numbers drawn for the whole global batch and this
+    worker's rows taken, so the rows equal those one process makes for them,
+    bit for bit. The seed of global batch t is (seed, epoch, step): resuming at
+    epoch e reproduces epoch e.
+
+    With `device_views=True` the second stage is left to the accelerator: the
+    elements are dicts `{"crops_a", "crops_b"}` (uint8), `"seed"` and `"row"`,
+    `"total"` (per image), which `VICReg(device_views=...)` turns into views
+    inside its train step.
+
+    Args:
+        source: a `vicreg_tf.sources` source (FolderSource, RecordSource, ArraySource).
+        two_views: a `vicreg_tf.augment.TwoViews`.
+        batch_size: the global batch size.
+        steps_per_epoch, start_epoch, epochs: the epochs to produce.
+        seed: int seed of the order and the views.
+        shuffle_buffer: encoded records permuted together (record sources only).
+        row_start, row_count: this worker's rows of each global batch (default: all).
+        device_views: leave stage 2 to the model (see above).
+    """
+    from vicreg_tf import sources
+
+    if steps_per_epoch <= 0:
+        raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+    if start_epoch >= epochs:
+        raise ValueError(f"nothing left to train: start_epoch={start_epoch} >= epochs={epochs}")
+    row_count = batch_size if row_count is None else row_count
+    if not (0 <= row_start and row_count > 0 and row_start + row_count <= batch_size):
+        raise ValueError(f"rows {row_start}..{row_start + row_count} are not inside a batch of {batch_size}")
+    size, channels = two_views.image_size, source.channels
+    row_ids = tf.range(row_start, row_start + row_count, dtype=tf.int32)
+    rows = (row_ids, batch_size)
+    end = row_start + row_count
+
+    def batch_seed(epoch, step):
+        return tf.stack([epoch_seed(seed, epoch), tf.cast(step, tf.int64)])
+
+    # Stage 0: this worker's items of each global batch (names, bytes or array indices).
+    all_items = None
+    if source.random_access:
+        all_items, _ = source.items()
+        need = steps_per_epoch * batch_size
+
+        def one_epoch(epoch):
+            order = sources.epoch_permutation(source.count, tf.stack([epoch_seed(seed, epoch), tf.constant(-1, tf.int64)]))
+            order = tf.tile(order, [sources.ceil_div(need, source.count)])[:need]
+            mine = tf.reshape(order, [steps_per_epoch, batch_size])[:, row_start:end]
+            return tf.data.Dataset.zip((
+                tf.data.Dataset.from_tensors(epoch).repeat(), tf.data.Dataset.range(steps_per_epoch),
+                tf.data.Dataset.from_tensor_slices(mine),
+            ))
+    else:
+        def one_epoch(epoch):
+            records = sources.windowed_permutation(
+                source.records(), shuffle_buffer, tf.stack([epoch_seed(seed, epoch), tf.constant(-1, tf.int64)])
+            )
+            mine = records.repeat().batch(batch_size, drop_remainder=True).take(steps_per_epoch)
+            mine = mine.map(lambda data, labels: data[row_start:end])
+            return tf.data.Dataset.zip((
+                tf.data.Dataset.from_tensors(epoch).repeat(), tf.data.Dataset.range(steps_per_epoch), mine,
+            ))
+
+    dataset = tf.data.Dataset.range(start_epoch, epochs).flat_map(one_epoch)
+
+    # Stage 1: decode and crop, this worker's rows only.
+    if not source.is_encoded:  # uint8 arrays in memory: gather and crop the rows, batched
+        array = all_items
+
+        def crop(epoch, step, indices):
+            images = tf.gather(array, indices)
+            params_a, params_b = two_views.crop_params(batch_seed(epoch, step), row_count, rows)
+            crops = [two_views.view_a.crop_images(images, params_a), two_views.view_b.crop_images(images, params_b)]
+            crops = [tf.cast(tf.round(c * 255.0), tf.uint8) for c in crops]
+            return epoch, step, crops[0], crops[1]
+
+        dataset = dataset.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        def per_row(epoch, step, keys):
+            items = tf.gather(all_items, keys) if source.random_access else keys
+            params_a, params_b = two_views.crop_params(batch_seed(epoch, step), row_count, rows)
+            n = tf.shape(items)[0]
+            return tf.data.Dataset.from_tensor_slices((
+                tf.fill([n], epoch), tf.fill([n], step), items, params_a, params_b,
+            ))
+
+        def decode_two(epoch, step, item, params_a, params_b):
+            contents = source.read(item)
+            crop_a = sources.decode_crop(contents, _window(two_views.view_a, params_a), size, channels)
+            crop_b = sources.decode_crop(contents, _window(two_views.view_b, params_b), size, channels)
+            return epoch, step, crop_a, crop_b
+
+        def gray(epoch, step, *_):
+            return epoch, step, sources.gray_image([*size, channels]), sources.gray_image([*size, channels])
+
+        rows_ds = dataset.flat_map(per_row)
+        dataset = sources.safe_map(rows_ds, decode_two, gray, name_of=lambda epoch, step, item, a, b: source.name_of(item))
+        dataset = dataset.batch(row_count, drop_remainder=True).map(
+            lambda epochs, steps, crops_a, crops_b: (epochs[0], steps[0], crops_a, crops_b)
+        )
+
+    # Stage 2: the rest of the views, batched (here, or on the accelerator).
+    def finish(epoch, step, crops_a, crops_b):
+        if device_views:
+            n = tf.shape(crops_a)[0]
+            return {"crops_a": crops_a, "crops_b": crops_b, "seed": tf.tile(batch_seed(epoch, step)[None], [n, 1]),
+                    "row": row_ids, "total": tf.fill([n], batch_size)}
+        return two_views.color(crops_a, crops_b, batch_seed(epoch, step), rows)
+
+    dataset = dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _window(view, params):
+    """A box function for `sources.decode_crop` from one image's crop numbers."""
+
+    def box(height, width):
+        top, left, h, w = view.crop.window(params, height, width)
+        return tuple(tf.cast(v, tf.int32) for v in (top, left, h, w))
+
+    return box
+
+
+def device_view_pairs(two_views, batch: dict):
+    """Stage 2 of `view_pair_batches(device_views=True)` on a (per-replica) batch: the two views."""
+    rows = (batch["row"], batch["total"][0])
+    return two_views.color(batch["crops_a"], batch["crops_b"], batch["seed"][0], rows)
+
+
+class UnreadableImagesReport(keras.callbacks.Callback):
+    """One warning line per epoch naming the images that could not be decoded (replaced by gray)."""
+
+    def __init__(self, shown: int = 5):
+        super().__init__()
+        self.shown = shown
+
+    def on_epoch_end(self, epoch, logs=None):
+        from vicreg_tf.sources import unreadable_images
+
+        names = unreadable_images.take()
+        if names:
+            listed = ", ".join(names[: self.shown]) + (", ..." if len(names) > self.shown else "")
+            print(f"warning: epoch {epoch + 1}: {len(names)} image(s) could not be decoded and were replaced "
+                  f"by gray images: {listed}", flush=True)
+
+
+def distribute_view_pairs(strategy: tf.distribute.Strategy, make_dataset: Callable[[int, int], tf.data.Dataset],
                           global_batch_size: int):
     """Feeds every replica its rows of the same global batches a single device would see.
 
-    `make_dataset()` returns global batches of `(view_a, view_b)` (e.g.
-    `resumable_view_pairs`). Each worker builds that pipeline, keeps its
-    contiguous share of each global batch and splits the share between its
-    local replicas, so global step t trains on exactly global batch t, with
-    the same augmentations, whatever the number of workers and devices. (tf.data's
-    auto-sharding would instead move the split into the pipeline and change
-    which images share an augmentation seed.) Each worker augments the whole
-    global batch; the views are cheap next to the train step (bench/pipeline.py).
-    Returns `make_dataset()` itself for a single replica.
+    `make_dataset(row_start, row_count)` returns the batches of rows
+    `row_start .. row_start + row_count` of each global batch (e.g.
+    `view_pair_batches(..., row_start=, row_count=)`): each worker reads, decodes
+    and augments only its own contiguous share, then splits it between its local
+    replicas, so global step t trains on exactly global batch t, with the same
+    augmentations, whatever the number of workers and devices. (tf.data's
+    auto-sharding would instead change which images share a batch.)
+    Returns `make_dataset(0, global_batch_size)` for a single replica.
     """
     replicas = strategy.num_replicas_in_sync
     if replicas == 1:
-        return make_dataset()
+        return make_dataset(0, global_batch_size)
     if global_batch_size % replicas:
         raise ValueError(
             f"the global batch {global_batch_size} does not split evenly over {replicas} replicas"
@@ -167,9 +335,8 @@ def distribute_view_pairs(strategy: tf.distribute.Strategy, make_dataset: Callab
 
     def worker_dataset(context: tf.distribute.InputContext) -> tf.data.Dataset:
         share = global_batch_size // context.num_input_pipelines
-        start = context.input_pipeline_id * share
         per_replica = context.get_per_replica_batch_size(global_batch_size)
-        dataset = make_dataset().map(lambda a, b: (a[start:start + share], b[start:start + share]))
+        dataset = make_dataset(context.input_pipeline_id * share, share)
         # Consecutive elements go to the worker's replicas in turn.
         return dataset.unbatch().batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
