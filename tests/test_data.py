@@ -186,7 +186,7 @@ def test_from_folder_class_subfolders_mixed_formats_bad_files_warned_once(tmp_pa
     _mixed_folder(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dataset = data.from_folder(tmp_path, (16, 16), channels=3)
+        dataset = data.from_folder(tmp_path, (16, 16), channels=3, validate=True)
     messages = [str(w.message) for w in caught if "unreadable" in str(w.message)]
     assert len(messages) == 1
     assert "skipped 2 unreadable of 7" in messages[0]
@@ -214,9 +214,12 @@ def test_from_folder_images_at_root_are_unlabelled(tmp_path):
         data.from_folder(tmp_path, (8, 8), labels="folders")
 
 
-def test_from_folder_without_validation_skips_bad_files_while_iterating(tmp_path):
+def test_from_folder_by_default_decodes_nothing_up_front_and_skips_bad_files_while_iterating(tmp_path):
     _mixed_folder(tmp_path)
-    dataset = data.from_folder(tmp_path, (8, 8), validate=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = data.from_folder(tmp_path, (8, 8))
+    assert not [w for w in caught if "unreadable" in str(w.message)]  # no decoding pass ran
     assert len(list(dataset)) == 5
 
 
@@ -232,10 +235,10 @@ def test_from_folder_missing_raises(tmp_path):
         data.from_folder(tmp_path / "missing", (8, 8))
 
 
-def test_from_folder_all_unreadable_raises(tmp_path):
+def test_from_folder_all_unreadable_raises_when_validated(tmp_path):
     (tmp_path / "a.png").write_bytes(b"\x89PNG broken")
     with pytest.warns(UserWarning, match="skipped 1 unreadable of 1"), pytest.raises(ValueError, match="none of the 1"):
-        data.from_folder(tmp_path, (8, 8))
+        data.from_folder(tmp_path, (8, 8), validate=True)
 
 
 @pytest.mark.parametrize("size", [0, -2, (8, 0), (8,), "8"])

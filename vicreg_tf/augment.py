@@ -138,18 +138,22 @@ def _uniform(seed, shape, low: float, high: float) -> tf.Tensor:
     return tf.random.stateless_uniform(shape, seed, minval=low, maxval=high, dtype=tf.float32)
 
 
-def _row_uniform(seed, rows, batch, low: float, high: float, extra=()) -> tf.Tensor:
-    """Per-image random numbers, shape (batch, *extra).
+def _row_uniform(seed, rows, batch, low: float, high: float, extra=(), then=None) -> tf.Tensor:
+    """Per-image random numbers, shape (batch, *extra), optionally passed through `then`.
 
     With `rows=(row_ids, total)`, the images are rows `row_ids` of a global batch
     of `total`: the numbers are drawn for the whole global batch and the rows
     taken, so a worker that makes rows i..j gets exactly what one process
-    making the whole batch gets for them.
+    making the whole batch gets for them. `then` (e.g. exp) runs before the rows
+    are taken: vectorised transcendental functions round the last elements of a
+    tensor differently from the others, so they must see the global shape.
     """
     if rows is None:
-        return _uniform(seed, [batch, *extra], low, high)
+        values = _uniform(seed, [batch, *extra], low, high)
+        return then(values) if then else values
     row_ids, total = rows
-    return tf.gather(_uniform(seed, [total, *extra], low, high), row_ids)
+    values = _uniform(seed, [total, *extra], low, high)
+    return tf.gather(then(values) if then else values, row_ids)
 
 
 def _bernoulli(seed, batch, probability: float, rows=None) -> tf.Tensor:
@@ -181,8 +185,12 @@ def _as_seed(seed) -> tf.Tensor:
 
 
 def _grayscale(images):
-    # Same luma weights as torchvision / PIL (0.299, 0.587, 0.114).
-    return tf.image.rgb_to_grayscale(images) if images.shape[-1] == 3 else images
+    # tf.image.rgb_to_grayscale's luma weights (torchvision / PIL: 0.299, 0.587, 0.114), written
+    # out element-wise: its matmul may round differently with the batch size, and workers making
+    # parts of a global batch must agree bitwise.
+    if images.shape[-1] != 3:
+        return images
+    return 0.2989 * images[..., 0:1] + 0.5870 * images[..., 1:2] + 0.1140 * images[..., 2:3]
 
 
 class _ImageAugmentation(keras.layers.Layer):
@@ -265,7 +273,7 @@ class RandomResizedCrop(_ImageAugmentation):
         log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
         return {
             "area": _row_uniform(seeds[0], rows, batch, *self.area, extra=(self._ATTEMPTS,)),
-            "log_ratio": _row_uniform(seeds[1], rows, batch, log_lo, log_hi, extra=(self._ATTEMPTS,)),
+            "ratio": _row_uniform(seeds[1], rows, batch, log_lo, log_hi, extra=(self._ATTEMPTS,), then=tf.exp),
             "top": _row_uniform(seeds[2], rows, batch, 0.0, 1.0),
             "left": _row_uniform(seeds[3], rows, batch, 0.0, 1.0),
         }
@@ -282,7 +290,7 @@ class RandomResizedCrop(_ImageAugmentation):
         width = tf.cast(width, tf.float32)
         h_, w_ = height[..., None], width[..., None]
         target_area = h_ * w_ * params["area"]
-        ratio = tf.exp(params["log_ratio"])
+        ratio = params["ratio"]
         crop_w = tf.round(tf.sqrt(target_area * ratio))
         crop_h = tf.round(tf.sqrt(target_area / ratio))
         fits = (crop_w > 0) & (crop_w <= w_) & (crop_h > 0) & (crop_h <= h_)
@@ -495,9 +503,9 @@ class RandomGaussianBlur(_ImageAugmentation):
     """Blurs each image with probability `probability`, sigma uniform in `sigma` (pixels).
 
     A separable Gaussian kernel per image, radius ceil(3 * max sigma) (at most the
-    image size), symmetric padding so borders do not darken. All blurred images
-    of a batch go through one depthwise convolution (images folded into
-    channels); only the images drawn for blurring are computed.
+    image size), symmetric padding so borders do not darken. Computed as weighted
+    sums of shifted images, so an image's result does not depend on the others in
+    its batch; only the images drawn for blurring are computed.
 
     Args:
         probability: chance per image (paper: 1.0 for view a, 0.1 for view b).
@@ -519,27 +527,32 @@ class RandomGaussianBlur(_ImageAugmentation):
             return images
         batch = tf.shape(images)[0]
         seeds = tf.random.experimental.stateless_split(seed, 2)
-        sigmas = _row_uniform(seeds[1], rows, batch, *self.sigma)
         height, width, channels = images.shape[1], images.shape[2], images.shape[3]
         radius = math.ceil(3.0 * self.sigma[1])
         if height is not None and width is not None:
             radius = min(radius, height, width)  # symmetric padding reaches at most one image size
+        taps = tf.range(-radius, radius + 1, dtype=tf.float32)
+
+        def gaussian(sigmas):  # (n,) -> (n, 2r+1) normalised kernels
+            kernel = tf.exp(-0.5 * tf.square(taps[None, :] / sigmas[:, None]))
+            return kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)
+
+        kernels = _row_uniform(seeds[1], rows, batch, *self.sigma, then=gaussian)
 
         def blur(x, rows):
-            s = tf.gather(sigmas, rows)
-            taps = tf.range(-radius, radius + 1, dtype=tf.float32)
-            kernel = tf.exp(-0.5 * tf.square(taps[None, :] / s[:, None]))
-            kernel /= tf.reduce_sum(kernel, axis=1, keepdims=True)  # (n, 2r+1)
-            n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
-            c = channels if channels is not None else tf.shape(x)[3]
-            # (n, h, w, c) -> (1, h, w, n*c): each image-channel is one depthwise channel.
-            folded = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, h, w, n * c])
-            per_channel = tf.reshape(tf.repeat(tf.transpose(kernel), c, axis=1), [2 * radius + 1, n * c])
-            pad = [[0, 0], [radius, radius], [radius, radius], [0, 0]]
-            folded = tf.pad(folded, pad, mode="SYMMETRIC")
-            folded = tf.nn.depthwise_conv2d(folded, per_channel[None, :, :, None], [1, 1, 1, 1], "VALID")
-            folded = tf.nn.depthwise_conv2d(folded, per_channel[:, None, :, None], [1, 1, 1, 1], "VALID")
-            out = tf.transpose(tf.reshape(folded, [h, w, n, c]), [2, 0, 1, 3])
+            kernel = tf.gather(kernels, rows)
+            weights = [kernel[:, k, None, None, None] for k in range(2 * radius + 1)]
+            h, w = tf.shape(x)[1], tf.shape(x)[2]
+            padded = tf.pad(x, [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="SYMMETRIC")
+            # Separable, as weighted sums of shifted copies in a fixed order: each image's
+            # pixels are the same whichever images share its batch (a convolution's kernel
+            # choice can depend on the batch), so workers making parts of a batch agree bitwise.
+            rows_blurred = weights[0] * padded[:, :, 0:w]
+            for k in range(1, 2 * radius + 1):
+                rows_blurred += weights[k] * padded[:, :, k:k + w]
+            out = weights[0] * rows_blurred[:, 0:h]
+            for k in range(1, 2 * radius + 1):
+                out += weights[k] * rows_blurred[:, k:k + h]
             return tf.ensure_shape(out, x.shape)
 
         if self.probability == 1.0:

@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
+from vicreg_tf import sources
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "FASHION_MNIST_DIR",
@@ -287,14 +289,6 @@ def _to_channels(image: tf.Tensor, channels: int | None) -> tf.Tensor:
     return image
 
 
-def _resize(image: tf.Tensor, image_size) -> tf.Tensor:
-    """float [0, 1] image to exactly image_size (antialiased bilinear; aspect not kept), still in [0, 1]."""
-    if image_size is None:
-        return image
-    resized = tf.image.resize(image, image_size, method="bilinear", antialias=True)
-    return tf.clip_by_value(resized, 0.0, 1.0)
-
-
 def from_tfds(
     name: str,
     split: str = "train",
@@ -354,8 +348,11 @@ def from_tfds(
     dataset = builder.as_dataset(split=split, shuffle_files=False)
 
     def convert(example):
-        image = tf.image.convert_image_dtype(example[image_key], tf.float32)
-        image = _resize(_to_channels(image, channels), size)
+        image = _to_channels(example[image_key], channels)
+        if size is None:
+            image = tf.image.convert_image_dtype(image, tf.float32)
+        else:  # the standard evaluation transform: shorter side to size / 0.875, center crop
+            image = sources.eval_transform(image, size)
         label = tf.cast(example[label_key], tf.int32) if has_label else tf.constant(NO_LABEL, tf.int32)
         return image, label
 
@@ -363,13 +360,6 @@ def from_tfds(
 
 
 # -- image folders ------------------------------------------------------------------------------
-
-
-def _decode(contents: tf.Tensor, channels: int) -> tf.Tensor:
-    # decode_image takes channels 0 or 3 for every format (BMP and GIF refuse 1): decode RGB, then convert.
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
-    image = tf.image.convert_image_dtype(image, tf.float32)
-    return tf.image.rgb_to_grayscale(image) if channels == 1 else image
 
 
 def _list_images(root: Path) -> list[Path]:
@@ -380,7 +370,7 @@ def _readable(paths: list[str], channels: int) -> np.ndarray:
     """Which files decode: one parallel pass of tf.io.decode_image, errors dropped, survivors' indices kept."""
     indices = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
     indices = indices.map(
-        lambda i, path: (i, tf.shape(_decode(tf.io.read_file(path), channels))),
+        lambda i, path: (i, tf.shape(sources._decode_full(tf.io.read_file(path), channels))),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False,
     ).ignore_errors()
@@ -396,7 +386,7 @@ def from_folder(
     channels: int = 3,
     *,
     labels: str = "auto",
-    validate: bool = True,
+    validate: bool = False,
 ) -> tf.data.Dataset:
     """Images under a folder (recursive; jpg, jpeg, png, bmp, gif) as (image, label) pairs.
 
@@ -405,20 +395,22 @@ def from_folder(
     classes 0..K-1; otherwise every label is -1. `labels="none"` always gives -1,
     `labels="folders"` demands class sub-folders.
 
-    Unreadable files (truncated, not really images) never stop an epoch: with
-    `validate=True` every file is decoded once up front (in parallel) and the
-    bad ones are left out, counted and named in a single warning. With
-    `validate=False` the up-front pass is skipped (for very large folders) and
-    files that fail to decode are dropped silently while iterating.
-    Images are resized to `image_size` (antialiased bilinear, aspect not kept);
-    GIFs give their first frame.
+    Unreadable files (truncated, not really images) never stop an epoch: they
+    are dropped while iterating. Nothing is decoded up front unless
+    `validate=True` (one parallel decoding pass that names the bad files in a
+    single warning: hours for a million photos, so off by default). Images are
+    resized so the shorter side is `image_size / 0.875` and center-cropped (the
+    standard evaluation transform; the aspect ratio is kept), an image already
+    of `image_size` is left as it is; GIFs give their first frame. For training,
+    `vicreg_tf.sources.FolderSource` streams file names and crops each view from
+    the original image instead.
 
     Args:
         path: root folder.
         image_size: (height, width) of the output images.
         channels: 1 (gray) or 3 (RGB).
         labels: "auto", "folders" or "none".
-        validate: decode every file once up front to leave the unreadable out.
+        validate: decode every file once up front, to leave the unreadable out and name them.
 
     Raises:
         FileNotFoundError: `path` is not a folder.
@@ -466,9 +458,8 @@ def from_folder(
         targets = targets[ok]
 
     def load(filename, label):
-        image = _decode(tf.io.read_file(filename), channels)
-        image = _resize(image, size)
-        return tf.ensure_shape(image, (*size, channels)), label
+        image = sources._decode_full(tf.io.read_file(filename), channels)
+        return tf.ensure_shape(sources.eval_transform(image, size), (*size, channels)), label
 
     dataset = tf.data.Dataset.from_tensor_slices((names, targets))
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
