@@ -23,26 +23,49 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "fashion_mnist"  # fashion_mnist | tfds | folder
+    config.data.source = "fashion_mnist"  # fashion_mnist | tfds | folder | tfrecords (docs/DATA.md)
     config.data.name = ""  # tfds name, for source=tfds
-    config.data.path = ""  # data_dir (fashion_mnist, tfds) or the image folder
+    config.data.path = ""  # data_dir (fashion_mnist, tfds), the image folder, or a TFRecord file pattern
+    config.data.eval_path = ""  # folder / TFRecords: separate evaluation data ("": a held-out share of path)
+    config.data.eval_fraction = 0.1  # folder without eval_path: share of files held out (by a hash of the name)
     config.data.train_split = "train"
     config.data.eval_split = "test"
     config.data.image_size = 28
     config.data.channels = 1
     config.data.limit = 0  # use only the first N training images (0: all); for smoke runs
-    config.data.shuffle_buffer = 60000
+    # Encoded records (tfds, TFRecords) permuted together each epoch; file names and in-memory
+    # arrays are permuted whole. Memory: this many encoded images (~110 kB each for ImageNet).
+    config.data.shuffle_buffer = 10000
+    # tfds / TFRecords at most this size on disk keep their encoded bytes in memory after the
+    # first epoch; decoded images are never cached (in-memory arrays such as Fashion-MNIST are
+    # uint8 in memory already; folders stream from disk).
+    config.data.cache_mb = 1024
 
     config.views = ml_collections.ConfigDict()
     config.views.preset = "grayscale"  # paper | grayscale
+    # Flip, color jitter, grayscale, blur and solarize inside the train step (on the accelerator):
+    # the CPU input pipeline only decodes and crops (uint8). Same views for the same seeds.
+    config.views.on_device = "auto"  # auto (on when training on GPUs/TPUs) | on | off
 
     config.model = ml_collections.ConfigDict()
+    # vicreg | simsiam | byol | logdet | pairwise (vicreg_tf.methods; trainers.common.make_model)
+    config.model.method = "vicreg"
     config.model.backbone = "small_cnn"
     config.model.backbone_kwargs = ml_collections.ConfigDict({"widths": (32, 64, 128)})
     config.model.projector = "1024-1024-1024"
     config.model.invariance_weight = 25.0
     config.model.variance_weight = 25.0
     config.model.covariance_weight = 1.0
+    # SimSiam / BYOL: predictor hidden widths ("": none), and VICReg's variance / covariance
+    # on their expander outputs (VICReg Table 4 uses 1.0 / 0.01; 0 is the plain method).
+    config.model.predictor = "256"
+    config.model.regularizer_variance_weight = 0.0
+    config.model.regularizer_covariance_weight = 0.0
+    config.model.tau_base = 0.996  # BYOL's EMA decay at step 0, cosine to 1 over the run
+    # logdet / pairwise: loss = invariance_weight * MSE - entropy_weight * entropy.
+    config.model.entropy_weight = ml_collections.config_dict.placeholder(float)  # None: 25 / D (logdet), 25 (pairwise)
+    config.model.entropy_beta = 1e-3  # LogDet's jitter: log det(Cov + beta I)
+    config.model.kernel_width = ml_collections.config_dict.placeholder(float)  # pairwise; None: sqrt(D)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "lars"  # lars | adamw
@@ -59,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.mixed_precision = ""  # Keras dtype policy: "" | mixed_bfloat16 | mixed_float16 | float64
     config.training.jit_compile = False
     config.training.deterministic = False  # bitwise-reproducible: op determinism + 1 inter-op thread (slower)
+    config.training.verbose = "auto"  # auto: a progress bar on a terminal, a line per epoch in logs | 0 | 1 | 2
 
     config.eval = ml_collections.ConfigDict()
     config.eval.knn_every = 2  # epochs between kNN monitor runs (0: off)

@@ -16,7 +16,6 @@ exists), 2 bad arguments (e.g. no backbone file).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -73,9 +72,23 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
 
+    from trainers import common
+
+    try:
+        common.check_keras_file(backbone_path)
+    except ValueError as e:
+        print(f"vicreg-export: error: {e}", file=sys.stderr)
+        return 2
+
     # TensorFlow is imported only once the arguments are known to be good: it takes seconds.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
+    with common.quiet_tensorflow_startup():
+        import keras
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # the SavedModel writer's INFO lines
 
     from vicreg_tf.serving import export_for_serving
     from vicreg_tf.transfer import load_backbone

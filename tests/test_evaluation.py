@@ -161,6 +161,61 @@ def test_knn_monitor_logs_every_n_epochs_and_after_the_last(rng):
     model.compile(optimizer="sgd", loss="mse")
     monitor = evaluation.KNNMonitor(labelled, labelled, every=2, k=3)
     history = model.fit(x, y.astype(np.float32), epochs=3, verbose=0, callbacks=[monitor])
-    knn = history.history["val_knn_top1"]
-    assert np.isnan(knn[0]) and 0.0 <= knn[1] <= 1.0 and 0.0 <= knn[2] <= 1.0
     assert [epoch for epoch, _ in monitor.history] == [2, 3]
+    assert all(0.0 <= accuracy <= 1.0 for _, accuracy in monitor.history)
+
+
+def test_knn_monitor_logs_nothing_on_skipped_epochs_and_the_csv_keeps_its_column(rng, tmp_path):
+    x, y = _blobs(rng, 16, classes=2, dim=4)
+    labelled = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    epoch_logs = []
+    callbacks = [
+        evaluation.KNNMonitor(labelled, labelled, every=2, k=3),
+        evaluation.CSVLogger(tmp_path / "log.csv", columns=["val_knn_top1"]),
+        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: epoch_logs.append(dict(logs))),
+    ]
+    model.fit(x, y.astype(np.float32), epochs=3, verbose=0, callbacks=callbacks)
+    assert "val_knn_top1" not in epoch_logs[0]  # no NaN in the progress line on skipped epochs
+    assert 0.0 <= epoch_logs[1]["val_knn_top1"] <= 1.0
+    with open(tmp_path / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["val_knn_top1"] != "" for row in rows] == [False, True, True]
+    assert all(float(row["loss"]) >= 0 for row in rows)
+
+
+class _FakeModel:
+    def __init__(self):
+        self.optimizer = keras.optimizers.SGD(0.1)
+
+
+def test_step_logger_appends_every_n_steps_and_continues_the_global_step(tmp_path):
+    path = tmp_path / "steps.csv"
+    logger = evaluation.StepLogger(path, every=2)
+    model = _FakeModel()
+    logger.set_model(model)
+    logs = {"loss": 20.0, "invariance": 0.5, "variance": 0.6, "covariance": 0.7, "embedding_std": 0.1, "lr": 1.0}
+    for step in range(1, 6):
+        model.optimizer.iterations.assign(step)
+        logger.on_train_batch_end(step - 1, logs)
+    with open(path, "a") as f:
+        f.write("6,1,19.")  # a run killed mid-write
+    columns = evaluation._read_log(path)
+    assert columns["step"] == [2.0, 4.0]
+    assert set(columns) == {"step", "epoch", "loss", "invariance", "variance", "covariance", "embedding_std"}
+
+
+def test_loss_terms_plot_has_integer_epoch_ticks_and_a_per_step_row(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    log = {"epoch": [0, 1], "loss": [20.0, 19.0], "invariance": [1.0, 0.5], "variance": [0.6, 0.5],
+           "covariance": [0.5, 0.7]}
+    steps = {"step": [1, 2, 3, 4], "epoch": [1, 1, 2, 2], "loss": [21.0, 20.0, 19.5, 19.0]}
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    evaluation.plot_loss_terms(log, tmp_path / "terms.png", steps=steps)
+    axes = [ax for ax in figures[0].axes if ax.get_visible()]
+    epoch_ticks = np.concatenate([ax.get_xticks() for ax in axes if ax.get_xlabel() == "epoch"])
+    assert np.all(epoch_ticks == np.round(epoch_ticks))
+    assert [ax.get_title() for ax in axes if ax.get_xlabel() == "step"] == ["loss per step"]

@@ -410,7 +410,7 @@ def test_cli_exports_next_version_and_prints_it(exported, tmp_path, capsys):
     args = ["--backbone", str(exported.keras_path), "--base", str(base), "--name", NAME]
     assert export_main(args + ["--no-warmup", "--config_base_path", "/models"]) == 0
     assert capsys.readouterr().out.strip() == str(base / NAME / "1")
-    assert not (base / NAME / "1" / "assets.extra").exists()
+    assert not (base / NAME / "1" / "assets.extra" / serving.WARMUP_FILE).exists()
     assert 'base_path: "/models/fmnist"' in (base / "models.config").read_text()
     # The existing version is kept; the next export gets version 2, with warmup by default.
     assert export_main(args) == 0
@@ -561,3 +561,24 @@ def test_load_backbone_rejects_a_model_that_is_not_a_backbone(tmp_path):
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="junk.keras"):
         load_backbone(tmp_path / "junk.keras")
+
+
+def test_an_export_records_its_weights_so_an_identical_rerun_can_be_told_apart(tmp_path):
+    backbone = make_test_backbone(seed=0)
+    model_dir = tmp_path / NAME
+    digest = serving.weights_digest(backbone, None)
+    assert serving.latest_export_with_weights(model_dir, digest) is None  # nothing exported yet
+    version_dir = serving.export_for_serving(backbone, tmp_path, NAME, warmup=False, write_config=False)
+    assert serving.latest_export_with_weights(model_dir, digest) == version_dir
+    changed = make_test_backbone(seed=1)
+    assert serving.latest_export_with_weights(model_dir, serving.weights_digest(changed, None)) is None
+
+
+def test_cli_rejects_a_truncated_keras_file_in_one_line(exported, tmp_path, capsys):
+    truncated = tmp_path / "backbone.keras"
+    truncated.write_bytes(Path(exported.keras_path).read_bytes()[:1000])
+    assert export_main(["--backbone", str(truncated), "--base", str(tmp_path / "models"), "--name", NAME]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"vicreg-export: error: not a valid .keras file (truncated or not a zip): {truncated}"
+    )
+    assert not (tmp_path / "models").exists()

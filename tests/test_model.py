@@ -335,3 +335,53 @@ def test_finite_steps_still_train_under_the_guard():
     history = model.fit(_dataset(_cluster_views(64)), epochs=1, verbose=0).history
     assert math.isfinite(history["loss"][0])
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, model.trainable_weights))
+
+
+def _small_model(**compile_kwargs):
+    keras.utils.set_random_seed(0)
+    model = VICReg(small_cnn((28, 28, 1), widths=(4, 8)), projector="32-32")
+    model.compile(optimizer=keras.optimizers.SGD(0.01), **compile_kwargs)
+    return model
+
+
+def _images(n):
+    return np.random.default_rng(0).uniform(size=(n, 28, 28, 1)).astype(np.float32)
+
+
+def test_views_of_different_batch_sizes_known_only_when_running_raise_naming_both():
+    a = _images(32)
+    dataset = tf.data.Dataset.from_tensor_slices((a, a)).batch(16).map(lambda x, y: (x, y[:12]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"(?s)same batch size.*16.*12"):
+        _small_model().fit(dataset, verbose=0)
+
+
+def test_a_last_batch_of_one_inside_the_compiled_step_says_drop_remainder():
+    a = _images(17)
+    dataset = tf.data.Dataset.from_tensor_slices((a, a)).batch(16)  # the last batch holds 1 pair
+    with pytest.raises(tf.errors.InvalidArgumentError, match="batch of 1.*drop_remainder=True"):
+        _small_model().fit(dataset, verbose=0)
+
+
+def test_runtime_view_checks_compile_under_xla():
+    a = _images(32)
+    dataset = tf.data.Dataset.from_tensor_slices((a, a)).batch(16)
+    history = _small_model(jit_compile=True).fit(dataset, verbose=0).history
+    assert math.isfinite(history["loss"][0])
+
+
+@pytest.mark.parametrize("entry", ["call", "predict", "fit"])
+def test_uint8_images_raise_saying_divide_by_255(entry):
+    model = _small_model()
+    images = (_images(16) * 255).astype(np.uint8)
+    run = {
+        "call": lambda: model(images),
+        "predict": lambda: model.predict(images, verbose=0),
+        "fit": lambda: model.fit(tf.data.Dataset.from_tensors((images, images)), verbose=0),
+    }[entry]
+    with pytest.raises(TypeError, match=r"float images in \[0, 1\], got uint8.*divide by 255"):
+        run()
+
+
+def test_a_single_image_without_batch_axis_names_the_expected_shape():
+    with pytest.raises(ValueError, match=r"\(None, 28, 28, 1\), got shape \(28, 28, 1\)"):
+        _small_model()(_images(1)[0])

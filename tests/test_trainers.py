@@ -76,6 +76,7 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     config = _config("tiny")
     common.check_workdir(tmp_path, config)
     common.check_workdir(tmp_path, config)  # the same experiment resumes
+    _fake_checkpoint(tmp_path)  # refused only once the workdir holds checkpoints
     other = _config("tiny")
     other.unlock()
     other.training.batch_size = 32
@@ -109,10 +110,15 @@ def test_tiny_run_trains_evaluates_and_exports(tmp_path):
     for key in ("knn5_top1", "linear_top1"):
         assert 0.1 < record[key] <= 1.0, (key, record)
 
-    # Rerunning a finished run redoes the outputs from the final backup, without training.
+    steps = (tmp_path / "steps.csv").read_text().splitlines()
+    assert steps[0].startswith("step,epoch,") and len(steps) == 1 + 16  # every step of 2 x 8
+
+    # Rerunning a finished run redoes the outputs from the final backup, without training,
+    # and exports no identical new version (TF Serving would reload it).
     again = pretrain.train(_config("tiny"), tmp_path)
     assert again["effective_rank"] == pytest.approx(summary["effective_rank"], rel=1e-4)
-    assert (tmp_path / "export/vicreg/2/saved_model.pb").exists()
+    assert again["export"] == summary["export"]
+    assert sorted(p.name for p in (tmp_path / "export/vicreg").iterdir()) == ["1"]
 
 
 def _train_cmd(workdir, *extra):
@@ -156,3 +162,179 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
     epochs_logged = [int(row.split(",")[0]) for row in (killed / "log.csv").read_text().splitlines()[1:]]
     assert epochs_logged[-(4 - stopped_at):] == list(range(stopped_at, 4)), epochs_logged
+
+
+# --------------------------------------------------------------------------- bad input and faults (issue 18)
+
+
+def _quiet_env():
+    # TF_CPP_MIN_LOG_LEVEL unset, as for a user: the scripts' own start-up filtering is on.
+    return {"TF_CPP_MIN_LOG_LEVEL": ""}
+
+
+def test_batch_size_zero_names_the_field_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_python(["-m", "trainers.pretrain", "--config=tiny", f"--workdir={workdir}",
+                         "--config.training.batch_size=0"], timeout=120, env=_quiet_env())
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip() == "error: config.training.batch_size must be a positive int, got 0"
+    assert result.stdout == ""
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"training.batch_size": -4}, "config.training.batch_size must be a positive int, got -4"),
+    ({"training.epochs": 0}, "config.training.epochs must be a positive int, got 0"),
+    ({"training.steps_per_epoch": -1}, "config.training.steps_per_epoch must be an int >= 0"),
+    ({"data.image_size": 0}, "config.data.image_size must be a positive int, got 0"),
+    ({"data.channels": 2}, "config.data.channels must be 1, 3 or 4, got 2"),
+    ({"data.limit": -1}, "config.data.limit must be an int >= 0"),
+    ({"optimizer.base_learning_rate": 0.0}, "config.optimizer.base_learning_rate must be a positive number"),
+    ({"optimizer.weight_decay": -1e-4}, "config.optimizer.weight_decay must be a number >= 0"),
+    ({"optimizer.warmup_epochs": 3}, r"config.optimizer.warmup_epochs must be at most config.training.epochs \(2\), got 3"),
+    ({"optimizer.name": "sgd"}, r"config.optimizer.name must be one of \['lars', 'adamw'\], got 'sgd'"),
+    ({"eval.knn_every": -1}, "config.eval.knn_every must be an int >= 0"),
+    ({"training.verbose": "loud"}, "config.training.verbose must be 'auto'"),
+])
+def test_validate_config_names_the_field_and_the_value(override, message):
+    config = _config("tiny")
+    for dotted, value in override.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    with pytest.raises(ValueError, match=message):
+        common.validate_config(config)
+
+
+def test_every_shipped_config_passes_validation():
+    for name in SHIPPED:
+        config = _config(name)
+        if config.data.source == "folder":
+            config.data.path = "/data/photos"  # the one field its command line sets
+        common.validate_config(config)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"optimizer.name": "sgd"}, "optimizer.name"),
+    ({"views.preset": "fancy"}, "views.preset"),
+    ({"model.backbone": "resnet9"}, "model.backbone"),
+    ({"data.source": "folder", "data.path": "EMPTY"}, "image"),
+    ({"training.batch_size": 1024}, "fewer than one batch"),
+])
+def test_a_setup_that_fails_before_training_does_not_claim_the_workdir(tmp_path, override, message):
+    from trainers import pretrain
+
+    (tmp_path / "empty").mkdir()
+    config = _config("tiny")
+    config.unlock()
+    for dotted, value in override.items():
+        section, key = dotted.split(".")
+        config[section][key] = str(tmp_path / "empty") if value == "EMPTY" else value
+    workdir = tmp_path / "run"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        pretrain.train(config, workdir)
+    assert not (workdir / "experiment.json").exists()
+
+
+def test_a_stale_record_without_checkpoints_is_replaced(tmp_path):
+    other = _config("tiny")
+    other.training.batch_size = 32
+    common.check_workdir(tmp_path, other)  # a run that then failed before training
+    common.check_workdir(tmp_path, _config("tiny"))  # the corrected rerun is not refused
+    assert json.loads((tmp_path / "experiment.json").read_text())["training.batch_size"] == 64
+
+
+def _fake_checkpoint(workdir):
+    (workdir / "backup").mkdir(parents=True, exist_ok=True)
+    (workdir / "backup" / "backup.json").write_text('{"epoch": 1, "weights": "epoch-000001.weights.h5"}')
+
+
+def test_fingerprint_records_the_data_directory_actually_read(tmp_path, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "train-images-idx3-ubyte.gz").touch()
+    workdir = tmp_path / "run"
+    monkeypatch.setenv("VICREG_DATA_DIR", str(first))
+    common.check_workdir(workdir, _config("tiny"))
+    assert json.loads((workdir / "experiment.json").read_text())["data_dir"] == str(first.resolve())
+    _fake_checkpoint(workdir)
+    monkeypatch.setenv("VICREG_DATA_DIR", str(second))
+    with pytest.raises(ValueError, match=f"data_dir: workdir has '{first.resolve()}'"):
+        common.check_workdir(workdir, _config("tiny"))
+
+
+def test_a_record_that_predates_the_data_directory_warns_and_resumes(tmp_path, capsys):
+    record = common.experiment_fingerprint(_config("tiny"))
+    del record["data_dir"]
+    (tmp_path / "experiment.json").write_text(json.dumps(record))
+    _fake_checkpoint(tmp_path)
+    common.check_workdir(tmp_path, _config("tiny"))
+    assert "predates the field(s) data_dir" in capsys.readouterr().err
+
+
+def test_another_models_backup_without_a_record_is_refused_and_not_relabelled(tmp_path):
+    from vicreg_tf import backbones
+
+    other = vicreg_tf.VICReg(backbones.small_cnn((28, 28, 1), widths=(4,)), projector="16-16")
+    other.compile(optimizer=keras.optimizers.SGD(0.1))
+    other.optimizer.build(other.trainable_variables)
+    _fake_checkpoint(tmp_path)
+    other.save_weights(tmp_path / "backup" / "epoch-000001.weights.h5")
+    config = _config("tiny")
+    model = common.make_model(config, total_steps=16)
+    model.compile(optimizer=common.make_optimizer(config, 8))
+    with pytest.raises(ValueError, match=f"--workdir={tmp_path} holds another model's backup"):
+        common.check_backup_loads(model, tmp_path)
+    assert not (tmp_path / "experiment.json").exists()
+
+
+def test_help_exits_0_and_lists_the_flags():
+    for module, names in (("trainers.pretrain", ("--config", "--workdir")),
+                          ("trainers.linear_eval", ("--config", "--backbone", "--workdir", "--random_init"))):
+        result = run_python(["-m", module, "--help"], timeout=60)
+        assert result.returncode == 0, result.stderr[-2000:]
+        for name in (*names, "--config.KEY=VALUE"):
+            assert f"  {name}: " in result.stdout, (module, name, result.stdout)
+
+
+def test_verbose_auto_is_a_progress_bar_on_a_terminal_and_a_line_per_epoch_otherwise(monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert common.resolve_verbose("auto") == 1
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert common.resolve_verbose("auto") == 2
+    assert common.resolve_verbose("0") == 0 and _config("fashion_mnist").training.verbose == "auto"
+
+
+def test_eval_of_a_truncated_keras_file_is_one_clear_error_and_writes_nothing(tmp_path):
+    from trainers import linear_eval
+    from vicreg_tf import backbones
+
+    backbones.small_cnn((28, 28, 1), widths=(4,)).save(tmp_path / "good.keras")
+    (tmp_path / "bad.keras").write_bytes((tmp_path / "good.keras").read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"not a valid .keras file \(truncated or not a zip\): .*bad.keras"):
+        linear_eval.evaluate(_config("tiny"), str(tmp_path / "bad.keras"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_backbone_for_other_images_names_both_shapes_and_writes_nothing(tmp_path):
+    from trainers import linear_eval
+    from vicreg_tf import backbones
+
+    backbones.small_cnn((32, 32, 3), widths=(4,), mean=(0.5,) * 3, std=(0.25,) * 3).save(tmp_path / "rgb.keras")
+    with pytest.raises(ValueError, match=r"backbone input \(None, 32, 32, 3\) does not match the config's "
+                                         r"image size/channels \(28, 28, 1\)"):
+        linear_eval.evaluate(_config("tiny"), str(tmp_path / "rgb.keras"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_ends_in_one_error_line_and_saves_nothing(tmp_path):
+    workdir = tmp_path / "run"
+    result = run_python(["-m", "trainers.pretrain", "--config=tiny", f"--workdir={workdir}",
+                         "--config.optimizer.base_learning_rate=1e30", "--config.eval.knn_every=0"],
+                        timeout=300, env=_quiet_env())
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: training diverged in epoch 1: "), result.stderr[-3000:]
+    assert "no epoch finished, so there is no backup" in lines[0]
+    assert len(lines) == 2 and lines[1].startswith("hint: "), result.stderr[-3000:]
+    assert not (workdir / "vicreg.keras").exists() and not (workdir / "export").exists()

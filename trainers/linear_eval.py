@@ -1,6 +1,6 @@
 """vicreg-eval: the standard protocols on a frozen pretrained backbone.
 
-    vicreg-eval --backbone=runs/fashion_mnist/backbone.keras --config=configs/fashion_mnist.py \
+    vicreg-eval --backbone=runs/fashion_mnist/backbone.keras --config=configs/fashion_mnist.py \\
         [--workdir=DIR] [--random_init]
 
 Linear probe (top-1) and weighted kNN (cosine, k from config.eval.knn_k) on
@@ -31,11 +31,16 @@ def evaluate(config, backbone_path: str | None, workdir: str | None = None, rand
 
     from vicreg_tf import evaluation, transfer
 
+    common.validate_config(config)
     keras.utils.set_random_seed(config.seed)
     if random_init:
+        common.check_backbone_name(config)
         backbone = common.make_backbone(config)
     else:
-        backbone = transfer.load_backbone(backbone_path)
+        backbone = transfer.load_backbone(common.check_keras_file(backbone_path))
+        common.check_backbone_input(backbone, config, backbone_path)
+    # Checked before out_dir exists: a failure leaves no empty directory behind.
+    common.check_data_exists(config)
     out_dir = Path(workdir or Path(backbone_path).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_images, _ = common.load_images(config, config.data.train_split)
@@ -98,7 +103,8 @@ def _define_flags() -> None:
 
 def main(argv=None):
     _define_flags()
-    common.run_app(_main, list(sys.argv if argv is None else argv))
+    common.run_app(_main, list(sys.argv if argv is None else argv), __doc__,
+                   ("config", "backbone", "workdir", "random_init"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """vicreg-train: pretrain a backbone with VICReg, then save, diagnose and export it.
 
-    vicreg-train --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist \
+    vicreg-train --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist \\
         [--config.training.epochs=3 ...]
 
 Reads top to bottom: config -> strategy -> data -> model -> callbacks -> fit ->
@@ -40,16 +40,24 @@ def train(config, workdir: str | os.PathLike) -> dict:
     from vicreg_tf import evaluation, serving, training
 
     workdir = Path(workdir)
+    # Everything that can be wrong with the setup fails here, before the workdir is
+    # claimed (experiment.json written) and before any training.
+    common.validate_config(config)
+    common.check_backbone_name(config)
+    common.check_data_exists(config)
+    common.check_workdir(workdir, config, write=False)  # another experiment's checkpoints
     if config.training.deterministic:
         common.make_deterministic()  # before the first TensorFlow op
-    # Everything that can be wrong with the inputs fails here, before any training.
     strategy = common.make_strategy()
-    role = common.worker_role(strategy, workdir)
-    common.check_workdir(workdir, config, write=role.is_chief)
-    images, count = common.load_images(config, config.data.train_split)
+    common.make_views(config, seed=config.seed)  # an unknown views.preset fails here
+    source = common.load_source(config, config.data.train_split)
+    count = source.count
     batch_size = config.training.batch_size
     if count < batch_size:
-        raise ValueError(f"the training split has {count} images, fewer than one batch of {batch_size}")
+        raise ValueError(
+            f"the training split has {count} images, fewer than one batch of "
+            f"config.training.batch_size={batch_size}"
+        )
     steps = config.training.steps_per_epoch or count // batch_size
 
     keras.utils.set_random_seed(config.seed)
@@ -59,45 +67,58 @@ def train(config, workdir: str | os.PathLike) -> dict:
     backup_dir = workdir / "backup"
     start_epoch = training.read_backup_epoch(backup_dir)
     epochs = config.training.epochs
+    views = common.make_views(config, seed=config.seed)
+    on_device = common.views_on_device(config, strategy)
     dataset = None
     if start_epoch < epochs:
-        images = images.cache()
-        views = common.make_views(config, seed=config.seed)
-        dataset = training.distribute_view_pairs(strategy, lambda: training.resumable_view_pairs(
-            images, views, batch_size, steps_per_epoch=steps, start_epoch=start_epoch, epochs=epochs,
-            seed=config.seed, shuffle_buffer=config.data.shuffle_buffer,
+        # Streams: each worker reads, decodes and crops only its rows of each global batch.
+        dataset = training.distribute_view_pairs(strategy, lambda row_start, row_count: training.view_pair_batches(
+            source, views, batch_size, steps_per_epoch=steps, start_epoch=start_epoch, epochs=epochs,
+            seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, row_start=row_start,
+            row_count=row_count, device_views=on_device,
         ), batch_size)
 
     with strategy.scope():
-        model = vicreg_tf.VICReg(
-            common.make_backbone(config),
-            projector=config.model.projector,
-            invariance_weight=config.model.invariance_weight,
-            variance_weight=config.model.variance_weight,
-            covariance_weight=config.model.covariance_weight,
-        )
+        model = common.make_model(config, total_steps=steps * config.training.epochs)  # config.model.method
         model.compile(optimizer=common.make_optimizer(config, steps), jit_compile=config.training.jit_compile)
+    if on_device:  # the views' second stage (flip, color, blur, solarize) inside the train step
+        if config.training.jit_compile:
+            raise ValueError("config.views.on_device needs config.training.jit_compile=False "
+                             "(the view ops have data-dependent shapes)")
+        with strategy.scope():
+            model.device_views = common.make_views(config, seed=config.seed)
 
-    labelled = common.has_labels(images)
+    # The setup is good: claim the workdir (a backup without a record must fit this model).
+    role = common.worker_role(strategy, workdir)
+    common.check_backup_loads(model, workdir)
+    common.check_workdir(workdir, config, write=role.is_chief)
+
+    eval_batch = common.eval_batch_size(config)
     eval_batches = None
-    callbacks = []
-    if labelled:
-        eval_images, _ = common.load_images(config, config.data.eval_split)
-        train_batches = common.labelled_batches(images, 512, limit=config.eval.knn_max_train)
-        eval_batches = common.labelled_batches(eval_images, 512)
+    callbacks = [training.UnreadableImagesReport()]
+    if source.labelled:
+        eval_source = common.load_source(config, config.data.eval_split)
+        size = config.data.image_size
+        train_batches = common.labelled_batches(source.images(size), eval_batch, limit=config.eval.knn_max_train)
+        eval_batches = common.labelled_batches(eval_source.images(size), eval_batch)
         if config.eval.knn_every:
             # First in the list, so the logs it adds reach the CSV log and TensorBoard.
-            callbacks.append(evaluation.KNNMonitor(
+            callbacks.insert(0, evaluation.KNNMonitor(
                 train_batches, eval_batches, every=config.eval.knn_every, k=config.eval.knn_k[0]
             ))
     callbacks += [
         vicreg_tf.StopOnNonFiniteLoss(),
         training.AtomicBackupAndRestore(backup_dir, write=role.is_chief),
-        keras.callbacks.CSVLogger(str(role.workdir / "log.csv"), append=True),
+        # Columns fixed up front: the kNN accuracy is only logged on the epochs it is measured.
+        evaluation.CSVLogger(str(role.workdir / "log.csv"), append=True, columns=[
+            "val_knn_top1"] if any(isinstance(c, evaluation.KNNMonitor) for c in callbacks) else []),
+        evaluation.StepLogger(role.workdir / evaluation.StepLogger.FILENAME, every=max(1, steps // 50),
+                              write=role.is_chief),
         keras.callbacks.TensorBoard(str(role.workdir / "tensorboard")),
     ]
     if dataset is not None:
-        model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=2)
+        model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
+                  verbose=common.resolve_verbose(config.training.get("verbose", "auto")))
     else:  # trained to the end before: take the final backup and redo the outputs
         training.load_backup(model, backup_dir)
 
@@ -114,10 +135,10 @@ def train(config, workdir: str | os.PathLike) -> dict:
     log_csv = workdir / "log.csv"
     if log_csv.exists():
         evaluation.plot_loss_terms(log_csv, workdir / "loss_terms.png")
-    probe = eval_batches or common.labelled_batches(images, 512, limit=2048)
+    probe = eval_batches or common.labelled_batches(source.images(config.data.image_size), eval_batch)
     embeddings = np.concatenate([
         model.projector(model.backbone(x, training=False), training=False).numpy()
-        for x, _ in probe.take(8)
+        for x, _ in probe.take(max(1, 4096 // eval_batch))
     ])
     spectrum = evaluation.singular_values(embeddings)
     evaluation.plot_spectrum(spectrum, workdir / "spectrum.png", title=f"{config.experiment} expander output")
@@ -126,7 +147,13 @@ def train(config, workdir: str | os.PathLike) -> dict:
     summary["embedding_dim"] = int(embeddings.shape[1])
 
     if config.export.enabled:
-        version_dir = serving.export_for_serving(model.backbone, workdir / "export", config.export.name)
+        model_dir = workdir / "export" / config.export.name
+        # A rerun of a finished run must not hand TF Serving an identical new version to reload.
+        version_dir = serving.latest_export_with_weights(model_dir, serving.weights_digest(model.backbone, None))
+        if version_dir is not None:
+            print(f"export: {version_dir} already holds these weights; no new version written", flush=True)
+        else:
+            version_dir = serving.export_for_serving(model.backbone, workdir / "export", config.export.name)
         summary["export"] = str(version_dir)
     common.write_json_line(workdir / "pretrain_summary.json", summary)
     return summary
@@ -141,6 +168,11 @@ def _main(argv):
         train(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(common.fail(str(error)))
+    except Exception as error:  # a diverging run: one line, not TensorFlow's traceback
+        message = common.diverged_message(error, Path(_WORKDIR.value), _CONFIG.value)
+        if message is None:
+            raise
+        sys.exit(common.fail(message))
 
 
 def _define_flags() -> None:
@@ -152,7 +184,7 @@ def _define_flags() -> None:
 
 def main(argv=None):
     _define_flags()
-    common.run_app(_main, list(sys.argv if argv is None else argv))
+    common.run_app(_main, list(sys.argv if argv is None else argv), __doc__, ("config", "workdir"))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ __all__ = [
     "plot_loss_terms",
     "plot_spectrum",
     "KNNMonitor",
+    "CSVLogger",
+    "StepLogger",
 ]
 
 
@@ -221,6 +223,8 @@ def _read_log(log) -> dict[str, list[float]]:
     columns: dict[str, list[float]] = {}
     with open(log, newline="") as f:
         for row in csv.DictReader(f):
+            if None in row or None in row.values():  # a partial last line (a run killed mid-write)
+                continue
             for key, value in row.items():
                 try:
                     columns.setdefault(key, []).append(float(value))
@@ -229,30 +233,57 @@ def _read_log(log) -> dict[str, list[float]]:
     return columns
 
 
-def plot_loss_terms(log, path) -> Path:
-    """Plots loss, the three terms, embedding std and the kNN monitor per epoch into a PNG.
+_TERMS = ("loss", "invariance", "variance", "covariance", "embedding_std")
 
-    `log` is Keras' CSVLogger file or a History.history-style dict.
+
+def plot_loss_terms(log, path, steps=None) -> Path:
+    """Plots loss, the three terms, embedding std and the kNN monitor into a PNG.
+
+    `log` is Keras' CSVLogger file or a History.history-style dict (one row per
+    epoch; integer epoch ticks). `steps` is a per-step log (a `StepLogger` CSV
+    file or a dict with a "step" column); by default the `steps.csv` next to a
+    `log` file, when present. With it, a second row of panels shows every
+    logged step.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     columns = _read_log(log)
-    names = [n for n in ("loss", "invariance", "variance", "covariance", "embedding_std", "val_knn_top1") if n in columns]
+    names = [n for n in (*_TERMS, "val_knn_top1") if n in columns]
     if not names:
         raise ValueError(f"{log} has none of the VICReg metrics (loss, invariance, variance, covariance)")
+    if steps is None and not isinstance(log, Mapping) and (Path(log).parent / StepLogger.FILENAME).exists():
+        steps = Path(log).parent / StepLogger.FILENAME
+    step_columns = _read_log(steps) if steps is not None else {}
+    step_names = [n for n in _TERMS if n in step_columns and "step" in step_columns]
     epochs = columns.get("epoch") or list(range(len(columns[names[0]])))
-    epochs = [e + 1 for e in epochs]
-    figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    epochs = [int(e) + 1 for e in epochs]
+    rows = 2 if step_names else 1
+    figure, axes = plt.subplots(rows, len(names), figsize=(3.2 * len(names), 2.8 * rows), squeeze=False)
     for ax, name in zip(axes[0], names):
         values = np.asarray(columns[name], dtype=np.float64)
         shown = np.isfinite(values)
         ax.plot(np.asarray(epochs)[shown], values[shown], marker="o", markersize=3)
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5 on short runs
         ax.grid(alpha=0.3)
+    if step_names:
+        for ax in axes[1]:
+            ax.set_visible(False)
+        step = np.asarray(step_columns["step"], dtype=np.float64)
+        for ax, name in zip(axes[1], step_names):
+            ax.set_visible(True)
+            values = np.asarray(step_columns[name], dtype=np.float64)
+            shown = np.isfinite(values)
+            ax.plot(step[shown], values[shown], linewidth=0.8)
+            ax.set_title(f"{name} per step")
+            ax.set_xlabel("step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
     figure.tight_layout()
     _atomic_savefig(figure, path)
     plt.close(figure)
@@ -282,9 +313,11 @@ def plot_spectrum(singular, path, *, title: str = "embedding spectrum") -> Path:
 class KNNMonitor(keras.callbacks.Callback):
     """Adds `val_knn_top1`, the weighted kNN accuracy of the backbone's features, to the epoch logs.
 
-    Runs every `every` epochs and after the last; other epochs log NaN so that
-    CSVLogger keeps the column. Place it before CSVLogger/TensorBoard in the
-    callback list so they see the value.
+    Runs every `every` epochs and after the last; other epochs log nothing (no
+    NaN in the progress line or TensorBoard). Place it before CSVLogger/TensorBoard
+    in the callback list so they see the value; Keras' CSVLogger fixes its columns
+    at the first epoch, so use `vicreg_tf.evaluation.CSVLogger(...,
+    columns=["val_knn_top1"])`, which leaves the cell empty on the other epochs.
 
     Args:
         train_batches: `(images, labels)` batches forming the kNN memory bank.
@@ -311,7 +344,6 @@ class KNNMonitor(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         last = epoch + 1 == self.params.get("epochs", -1) if self.params else False
         if (epoch + 1) % self.every and not last:
-            logs["val_knn_top1"] = float("nan")
             return
         backbone = self._backbone()
         train_x, train_y = extract_features(backbone, self.train_batches)
@@ -320,3 +352,65 @@ class KNNMonitor(keras.callbacks.Callback):
         self.history.append((epoch + 1, accuracy))
         logs["val_knn_top1"] = accuracy
         print(f"epoch {epoch + 1}: kNN-{self.k} top-1 {accuracy:.4f}", flush=True)
+
+
+class CSVLogger(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger with `columns` that some epochs do not log (their cells are left empty).
+
+    Keras' own fixes the columns from the first epoch's logs, and drops a key
+    that first appears later (e.g. a kNN accuracy logged every other epoch).
+    """
+
+    def __init__(self, filename, columns=(), separator: str = ",", append: bool = False):
+        super().__init__(filename, separator=separator, append=append)
+        self.columns = tuple(columns)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        for column in self.columns:
+            logs.setdefault(column, "")
+        super().on_epoch_end(epoch, logs)
+
+
+class StepLogger(keras.callbacks.Callback):
+    """Appends the loss terms every `every` training steps to a CSV file (`steps.csv`).
+
+    Columns: step (the optimizer's global step, so a resumed run continues the
+    count), epoch, then the running means Keras reports for the batch
+    (loss, invariance, variance, covariance, embedding_std). Each row is written
+    in one `write` of a whole line to a file opened for appending, so a run
+    killed mid-write leaves at most a partial last line, which readers skip.
+
+    Args:
+        path: the CSV file.
+        every: steps between rows.
+        write: whether this process writes (False on non-chief workers).
+    """
+
+    FILENAME = "steps.csv"
+
+    def __init__(self, path, every: int = 10, write: bool = True):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.path = Path(path)
+        self.every = every
+        self.write = write
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.write or not logs:
+            return
+        step = int(self.model.optimizer.iterations.numpy()) if self.model.optimizer is not None else batch + 1
+        if step % self.every:
+            return
+        names = [n for n in _TERMS if n in logs]
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        line = ",".join([str(step), str(self._epoch + 1)] + [repr(float(logs[n])) for n in names]) + "\n"
+        if new:
+            line = ",".join(["step", "epoch", *names]) + "\n" + line
+        with open(self.path, "a") as f:
+            f.write(line)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import keras
 import tensorflow as tf
@@ -12,6 +13,14 @@ from vicreg_tf.losses import vicreg_loss
 from vicreg_tf.projector import build_projector
 
 _METRIC_NAMES = ("loss", "invariance", "variance", "covariance", "embedding_std")
+
+# Keras warns on every `fit(dataset)` with its default shuffle=True that the flag is ignored
+# for a tf.data.Dataset (it is shuffled in the pipeline, vicreg_tf.data.view_pairs does): noise.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`shuffle=True` was passed, but will be ignored since the data `x` was provided as a tf\.data\.Dataset",
+    category=UserWarning,
+)
 _NON_FINITE_MESSAGE = (
     "VICReg loss is not finite (NaN or Inf); stopping instead of training on it. "
     "Usual causes: a learning rate too high for the batch size, inputs with NaN, "
@@ -135,6 +144,11 @@ class VICReg(keras.Model):
             `convert_sync_batchnorm` (the expander's always is).
         fused_batchnorm: run BatchNormalization through TF's fused kernel while
             training where the result is the same (see `use_fused_batchnorm`).
+        device_views: a `vicreg_tf.augment.TwoViews` (or its config) that makes
+            the views inside the train step, on the accelerator, from batches of
+            uint8 crops (`vicreg_tf.training.view_pair_batches(device_views=True)`):
+            the CPU only decodes and crops. Same views as the CPU path for the
+            same seeds. Its ops have data-dependent shapes: use `jit_compile=False`.
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -157,6 +171,7 @@ class VICReg(keras.Model):
         eps: float = 1e-4,
         sync_batchnorm: bool = True,
         fused_batchnorm: bool = True,
+        device_views=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -180,6 +195,7 @@ class VICReg(keras.Model):
                 if encoder is not None:
                     synchronize_batchnorm(encoder)
         self.fused_batchnorm = bool(fused_batchnorm)
+        self.device_views = _as_two_views(device_views)
         for part in (backbone, second_backbone, self.projector, self.second_projector):
             if part is not None:
                 use_fused_batchnorm(part, self.fused_batchnorm)
@@ -223,7 +239,27 @@ class VICReg(keras.Model):
         self.built = True
 
     def call(self, inputs, training=False):
+        self._check_images(inputs, "images")
         return self.backbone(inputs, training=training)
+
+    def _check_images(self, images, name: str) -> None:
+        """Static checks at the model's entry: float images, with a batch axis."""
+        dtype = getattr(images, "dtype", None)
+        if dtype is not None and not _is_float_dtype(dtype):
+            raise TypeError(
+                f"VICReg takes float images in [0, 1], got {_dtype_name(dtype)} {name}; divide by 255 "
+                "(vicreg_tf.data.from_arrays does)"
+            )
+        expected = _input_shape(self.backbone)
+        shape = getattr(images, "shape", None)
+        if expected is None or shape is None or getattr(shape, "rank", len(shape)) is None:
+            return
+        if len(shape) != len(expected):
+            hint = " (a single image? add a batch axis: x[None])" if len(shape) == len(expected) - 1 else ""
+            raise ValueError(
+                f"VICReg's backbone expects {name} of shape {_shape_text(expected)}, got shape "
+                f"{_shape_text(shape)}{hint}"
+            )
 
     @property
     def metrics(self):
@@ -238,6 +274,15 @@ class VICReg(keras.Model):
     # -- the step ------------------------------------------------------------
 
     def _unpack_views(self, data):
+        if isinstance(data, dict) and "crops_a" in data:  # stage 2 of the views, here on the device
+            if self.device_views is None:
+                raise ValueError(
+                    "got batches of crops (view_pair_batches(device_views=True)) but this VICReg has no "
+                    "device_views: pass VICReg(..., device_views=the TwoViews of the pipeline)"
+                )
+            data = self.device_views.color(
+                data["crops_a"], data["crops_b"], data["seed"][0], (data["row"], data["total"][0])
+            )
         if isinstance(data, (tuple, list)) and len(data) in (2, 3) and isinstance(data[0], (tuple, list)):
             # ((view_a, view_b), labels[, weights]) from a labelled dataset, or Keras'
             # (x, y, sample_weight) packing in train_on_batch: only the views are used.
@@ -259,7 +304,26 @@ class VICReg(keras.Model):
                 "with one shared backbone both views must have the same shape, got "
                 f"view_a {a_shape} and view_b {b_shape}"
             )
-        return view_a, view_b
+        self._check_images(view_a, "view_a")
+        self._check_images(view_b, "view_b")
+        if self.jit_compile:  # XLA compiles no in-graph assertions; the static checks above remain
+            return view_a, view_b
+        # Batch sizes known only when running (a dataset batched without drop_remainder):
+        # checked here, so the error names the views rather than an op deep in the loss.
+        rows_a, rows_b = tf.shape(view_a)[0], tf.shape(view_b)[0]
+        checks = [
+            tf.debugging.assert_equal(
+                rows_a, rows_b, message="VICReg: the two views must have the same batch size "
+                "(view_a's rows, then view_b's, follow)", summarize=2,
+            ),
+            tf.debugging.assert_greater(
+                rows_a * num_replicas(), 1, message="VICReg got a batch of 1 view pair; its variance and "
+                "covariance need at least 2 per batch: batch with drop_remainder=True "
+                "(vicreg_tf.data.view_pairs does)",
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(view_a), tf.identity(view_b)
 
     def _embed(self, view_a, view_b, training: bool):
         second_backbone = self.second_backbone or self.backbone
@@ -394,6 +458,7 @@ class VICReg(keras.Model):
             "eps": self.eps,
             "sync_batchnorm": self.sync_batchnorm,
             "fused_batchnorm": self.fused_batchnorm,
+            "device_views": self.device_views.get_config() if self.device_views is not None else None,
         }
 
     @classmethod
@@ -406,6 +471,45 @@ class VICReg(keras.Model):
         if config.get("second_backbone") is not None:
             config["second_backbone"] = deserialize(config["second_backbone"])
         return cls(**config)
+
+
+def _as_two_views(views):
+    if views is None:
+        return None
+    from vicreg_tf.augment import TwoViews
+
+    if isinstance(views, TwoViews):
+        return views
+    if isinstance(views, dict):
+        return TwoViews(**{k: v for k, v in views.items() if k not in ("name", "dtype", "trainable")})
+    raise TypeError(f"device_views must be a vicreg_tf.augment.TwoViews or its config, got {type(views).__name__}")
+
+
+def _is_float_dtype(dtype) -> bool:
+    try:
+        return tf.as_dtype(dtype).is_floating
+    except TypeError:
+        return "float" in str(dtype)
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        return tf.as_dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
+def _input_shape(backbone) -> tuple | None:
+    """The backbone's input shape (None, H, W, C) when it is known without data."""
+    try:
+        shape = backbone.input_shape
+    except (AttributeError, ValueError):
+        return None
+    return tuple(shape) if isinstance(shape, tuple) and shape and not isinstance(shape[0], tuple) else None
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join("None" if d is None else str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 _LARGEST_SQUARABLE = 1.8e19  # sqrt of the largest float32, 3.4e38

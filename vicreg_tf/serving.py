@@ -27,6 +27,7 @@ integer-named directories are versions) and renamed at the end.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -50,6 +51,9 @@ EMBEDDING_OUTPUT = "embedding"
 PROJECTION_OUTPUT = "projection"
 WARMUP_FILE = "tf_serving_warmup_requests"
 MODELS_CONFIG = "models.config"
+# Next to the warmup file: a digest of the exported weights, so a rerun can tell an
+# identical model from a new one (TF Serving reloads any new version directory).
+EXPORT_RECORD = "vicreg_export.json"
 _TMP_PREFIX = ".tmp-export-"
 # TF Serving reads at most 1000 warmup records.
 _MAX_WARMUP_RECORDS = 1000
@@ -102,6 +106,31 @@ def next_version(model_dir: str | os.PathLike) -> int:
         return 1
     versions = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
     return max(versions, default=0) + 1
+
+
+def weights_digest(*models: keras.Model | None) -> str:
+    """SHA-256 over the shapes, dtypes and values of the models' weights, in order."""
+    digest = hashlib.sha256()
+    for model in models:
+        if model is None:
+            digest.update(b"none")
+            continue
+        for weight in model.weights:
+            value = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+            digest.update(f"{value.dtype.str}{value.shape}".encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def latest_export_with_weights(model_dir: str | os.PathLike, digest: str) -> Path | None:
+    """The newest version in `model_dir` when it was exported from weights with this `digest`, else None."""
+    newest = next_version(model_dir) - 1
+    record = Path(model_dir) / str(newest) / "assets.extra" / EXPORT_RECORD
+    try:
+        recorded = json.loads(record.read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record.parents[1] if recorded == digest else None
 
 
 def decode_images(image_bytes: tf.Tensor, height: int, width: int, channels: int) -> tf.Tensor:
@@ -339,6 +368,10 @@ def export_for_serving(
         os.chmod(tmp, 0o755)
         archive = _build_archive(backbone, projector)
         archive.write_out(str(tmp), verbose=False)
+        (tmp / "assets.extra").mkdir(exist_ok=True)
+        (tmp / "assets.extra" / EXPORT_RECORD).write_text(
+            json.dumps({"weights_sha256": weights_digest(backbone, projector)}) + "\n"
+        )
         if warmup:
             signatures = [SERVING_DEFAULT, SERVE_IMAGE_BYTES]
             if projector is not None:
