@@ -2,6 +2,9 @@
 
 Public API:
     VICReg                 the Keras model (backbone + expander, VICReg train_step)
+    SimSiam, BYOL, EntropyVICReg   the VICReg family on the same step (methods)
+    variance_covariance_regularizer, VarianceCovarianceRegularizer   VICReg's terms for other methods
+    logdet_entropy, pairwise_entropy   the entropy estimators of the information-theoretic variants
     vicreg_loss            the loss, and its terms invariance_loss, variance_loss, covariance_loss
     build_projector        "8192-8192-8192" -> expander
     LARS, warmup_cosine    the paper's optimizer and learning-rate schedule
@@ -11,7 +14,7 @@ Public API:
     view_pairs             images -> batches of (view_a, view_b), one line (data)
     load_backbone          a pretrained backbone for transfer learning (transfer)
     export_for_serving     the TF Serving export (serving)
-Submodules: backbones, augment, data, evaluation, serving, transfer.
+Submodules: backbones, augment, data, evaluation, methods, serving, transfer.
 """
 import os as _os
 
@@ -24,10 +27,18 @@ _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from vicreg_tf.distribute import gather_replicas, num_replicas
 from vicreg_tf.losses import covariance_loss, invariance_loss, variance_loss, vicreg_loss
+from vicreg_tf.losses import (
+    VarianceCovarianceRegularizer,
+    logdet_entropy,
+    negative_cosine_similarity,
+    pairwise_entropy,
+    variance_covariance_regularizer,
+)
 from vicreg_tf.model import VICReg, StopOnNonFiniteLoss
+from vicreg_tf.methods import BYOL, EntropyVICReg, SimSiam
 from vicreg_tf.optimizers import LARS, scaled_learning_rate, warmup_cosine
 from vicreg_tf.projector import build_projector, parse_projector_spec
-from vicreg_tf import augment, backbones, data, evaluation, serving, transfer
+from vicreg_tf import augment, backbones, data, evaluation, methods, serving, transfer
 from vicreg_tf.augment import TwoViews, grayscale_views, kerascv_views, paper_views
 from vicreg_tf.data import view_pairs
 from vicreg_tf.serving import export_for_serving
@@ -37,6 +48,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VICReg",
+    "SimSiam",
+    "BYOL",
+    "EntropyVICReg",
+    "VarianceCovarianceRegularizer",
+    "variance_covariance_regularizer",
+    "negative_cosine_similarity",
+    "logdet_entropy",
+    "pairwise_entropy",
     "StopOnNonFiniteLoss",
     "vicreg_loss",
     "invariance_loss",
@@ -61,6 +80,7 @@ __all__ = [
     "backbones",
     "data",
     "evaluation",
+    "methods",
     "serving",
     "transfer",
 ]

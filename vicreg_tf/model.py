@@ -376,7 +376,7 @@ class VICReg(keras.Model):
         replicas = num_replicas()
         # The forward pass updates BatchNorm moving statistics; keep a copy (a few
         # floats per channel) so a step that is not applied leaves them untouched too.
-        state = [v for v in self.non_trainable_variables if "float" in str(v.dtype)]
+        state = _batchnorm_statistics(self)
         saved = [tf.identity(v.value) for v in state]
         with tf.GradientTape() as tape:
             terms = self.compute_vicreg_terms(data, training=True)
@@ -513,6 +513,17 @@ def _shape_text(shape) -> str:
 
 
 _LARGEST_SQUARABLE = 1.8e19  # sqrt of the largest float32, 3.4e38
+
+
+def _batchnorm_statistics(model) -> list:
+    """The moving mean and variance of every BatchNormalization in `model` (not other non-trainables,
+    e.g. a BYOL target network, which the forward pass does not change)."""
+    return [
+        variable
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for variable in (layer.moving_mean, layer.moving_variance)
+    ]
 
 
 def _restore(state, saved) -> tf.Tensor:
