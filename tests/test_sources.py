@@ -365,3 +365,15 @@ def test_peak_memory_does_not_grow_with_the_folder(tmp_path):
     # Before streaming, every decoded photo stayed in memory (2.2 MB each at 224x224): +317 MB here.
     assert runs[1]["peak_mb"] - runs[0]["peak_mb"] < 100, runs
     assert runs[1]["first_s"] < 10, runs
+
+
+def test_a_run_resumed_mid_epoch_gets_the_rest_of_that_epoch(photos):
+    source = sources.FolderSource(photos)
+    views = augment.paper_views(32)
+    full = list(training.view_pair_batches(source, views, 8, steps_per_epoch=3, epochs=2, seed=2))
+    resumed = list(training.view_pair_batches(source, views, 8, steps_per_epoch=3, start_epoch=0, start_step=2,
+                                              epochs=2, seed=2))
+    assert len(resumed) == 4
+    for (a, b), (ra, rb) in zip(full[2:], resumed):
+        np.testing.assert_array_equal(a.numpy(), ra.numpy())
+        np.testing.assert_array_equal(b.numpy(), rb.numpy())

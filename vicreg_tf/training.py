@@ -150,6 +150,7 @@ def view_pair_batches(
     *,
     steps_per_epoch: int,
     start_epoch: int = 0,
+    start_step: int = 0,
     epochs: int,
     seed: int = 0,
     shuffle_buffer: int = 10_000,
@@ -182,6 +183,7 @@ def view_pair_batches(
         two_views: a `vicreg_tf.augment.TwoViews`.
         batch_size: the global batch size.
         steps_per_epoch, start_epoch, epochs: the epochs to produce.
+        start_step: the first step of `start_epoch` (a run resumed mid-epoch).
         seed: int seed of the order and the views.
         shuffle_buffer: encoded records permuted together (record sources only).
         row_start, row_count: this worker's rows of each global batch (default: all).
@@ -193,6 +195,8 @@ def view_pair_batches(
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
     if start_epoch >= epochs:
         raise ValueError(f"nothing left to train: start_epoch={start_epoch} >= epochs={epochs}")
+    if not 0 <= start_step < steps_per_epoch:
+        raise ValueError(f"start_step must be in [0, {steps_per_epoch}), got {start_step}")
     row_count = batch_size if row_count is None else row_count
     if not (0 <= row_start and row_count > 0 and row_start + row_count <= batch_size):
         raise ValueError(f"rows {row_start}..{row_start + row_count} are not inside a batch of {batch_size}")
@@ -205,6 +209,9 @@ def view_pair_batches(
         return tf.stack([epoch_seed(seed, epoch), tf.cast(step, tf.int64)])
 
     # Stage 0: this worker's items of each global batch (names, bytes or array indices).
+    def first_step(epoch):  # a resumed run starts its first epoch at start_step
+        return tf.where(tf.equal(epoch, start_epoch), tf.constant(start_step, tf.int64), tf.constant(0, tf.int64))
+
     all_items = None
     if source.random_access:
         all_items, _ = source.items()
@@ -213,9 +220,10 @@ def view_pair_batches(
         def one_epoch(epoch):
             order = sources.epoch_permutation(source.count, tf.stack([epoch_seed(seed, epoch), tf.constant(-1, tf.int64)]))
             order = tf.tile(order, [sources.ceil_div(need, source.count)])[:need]
-            mine = tf.reshape(order, [steps_per_epoch, batch_size])[:, row_start:end]
+            mine = tf.reshape(order, [steps_per_epoch, batch_size])[first_step(epoch):, row_start:end]
             return tf.data.Dataset.zip((
-                tf.data.Dataset.from_tensors(epoch).repeat(), tf.data.Dataset.range(steps_per_epoch),
+                tf.data.Dataset.from_tensors(epoch).repeat(),
+                tf.data.Dataset.range(first_step(epoch), steps_per_epoch),
                 tf.data.Dataset.from_tensor_slices(mine),
             ))
     else:
@@ -224,9 +232,10 @@ def view_pair_batches(
                 source.records(), shuffle_buffer, tf.stack([epoch_seed(seed, epoch), tf.constant(-1, tf.int64)])
             )
             mine = records.repeat().batch(batch_size, drop_remainder=True).take(steps_per_epoch)
-            mine = mine.map(lambda data, labels: data[row_start:end])
+            mine = mine.skip(first_step(epoch)).map(lambda data, labels: data[row_start:end])
             return tf.data.Dataset.zip((
-                tf.data.Dataset.from_tensors(epoch).repeat(), tf.data.Dataset.range(steps_per_epoch), mine,
+                tf.data.Dataset.from_tensors(epoch).repeat(),
+                tf.data.Dataset.range(first_step(epoch), steps_per_epoch), mine,
             ))
 
     dataset = tf.data.Dataset.range(start_epoch, epochs).flat_map(one_epoch)
