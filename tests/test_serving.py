@@ -1,4 +1,4 @@
-"""The TF Serving clients (vicreg_tf.serving.GrpcClient, RestClient) against loopback TEST STAND-INS.
+"""The TF Serving clients (vicreg_tf.serving_client.GrpcClient, RestClient) against loopback TEST STAND-INS.
 
 The stand-ins (tests/serving_standins.py) serve the exported SavedModel on
 127.0.0.1 the way tensorflow_model_server answers, including its error codes;
@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from serving_standins import GrpcPredictionServiceStandIn, RestStandIn, make_test_backbone
 from vicreg_tf import serving
-from vicreg_tf.serving import GrpcClient, RestClient, ServingError
+from vicreg_tf.serving_client import GrpcClient, RestClient, ServingError
 
 NAME = "fmnist"
 H, W, C, F = 28, 28, 1, 16

@@ -39,7 +39,8 @@ from vicreg_tf.methods import BYOL, EntropyVICReg, SimSiam
 from vicreg_tf.optimizers import LARS, scaled_learning_rate, warmup_cosine
 from vicreg_tf.projector import build_projector, parse_projector_spec
 from vicreg_tf import augment, backbones, data, evaluation, methods, serving, transfer
-from vicreg_tf.augment import TwoViews, grayscale_views, kerascv_views, paper_views
+from vicreg_tf.augment import TwoViews, grayscale_views, paper_views
+from vicreg_tf.kerascv_pipeline import kerascv_views
 from vicreg_tf.data import view_pairs
 from vicreg_tf.serving import export_for_serving
 from vicreg_tf.transfer import load_backbone, set_trainable
