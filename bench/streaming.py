@@ -10,7 +10,7 @@ peak resident memory (ru_maxrss) is its own:
   before    the data path trainers/pretrain.py built until this change: `data.from_folder(validate=True)`
             (every file decoded once up front), `.cache()` of the decoded float32 images, then
             `training.resumable_view_pairs` with the paper's views at 224x224, batch 32.
-  after     `sources.FolderSource` + `training.view_pair_batches` (file names shuffled, each
+  after     `data.FolderSource` + `training.view_pair_batches` (file names shuffled, each
             view's crop sampled on the original and decoded as a window, rows per worker).
   worker    the same, as worker 0 of 2 (`row_start=0, row_count=16` of a global batch of 32):
             the images it decodes per global batch are half of a single process's.
@@ -41,7 +41,7 @@ import json, os, resource, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import vicreg_tf
 import tensorflow as tf
-from vicreg_tf import augment, data, sources, training
+from vicreg_tf import augment, data, training
 
 mode, folder, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 batch = 32
@@ -53,7 +53,7 @@ if mode == "before":
                                             shuffle_buffer=10000)
     rows = batch
 else:
-    source = sources.FolderSource(folder)
+    source = data.FolderSource(folder)
     rows = batch if mode == "after" else batch // 2
     dataset = training.view_pair_batches(source, views, batch, steps_per_epoch=steps + 1, epochs=1, seed=0,
                                          row_start=0, row_count=rows)

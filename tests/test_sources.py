@@ -2,8 +2,6 @@
 import io
 import json
 import math
-import os
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_python
-from vicreg_tf import augment, sources, training
+from vicreg_tf import augment, data, training
 
 
 def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -47,7 +45,7 @@ def test_a_window_on_the_left_half_decodes_the_left_half(tmp_path, fmt, options)
     path = tmp_path / f"x.{fmt.lower()}"
     Image.fromarray(_photo(400, 300)).save(path, fmt, **options)
     contents = tf.io.read_file(str(path))
-    crop = sources.decode_crop(contents, lambda h, w: (0, 0, h, w // 2), (300, 200), 3)
+    crop = data.decode_crop(contents, lambda h, w: (0, 0, h, w // 2), (300, 200), 3)
     reference = tf.io.decode_image(contents, channels=3)[:, :200]
     np.testing.assert_array_equal(crop.numpy(), reference.numpy())
 
@@ -57,7 +55,7 @@ def test_a_jpeg_window_with_subsampled_chroma_differs_only_on_its_last_column(tm
     path = tmp_path / "x.jpg"
     Image.fromarray(_photo(400, 300)).save(path, "JPEG", quality=95)
     contents = tf.io.read_file(str(path))
-    crop = sources.decode_crop(contents, lambda h, w: (0, 0, h, w // 2), (300, 200), 3).numpy().astype(int)
+    crop = data.decode_crop(contents, lambda h, w: (0, 0, h, w // 2), (300, 200), 3).numpy().astype(int)
     reference = tf.io.decode_image(contents, channels=3)[:, :200].numpy().astype(int)
     np.testing.assert_array_equal(crop[:, :-1], reference[:, :-1])
     assert np.abs(crop[:, -1] - reference[:, -1]).max() <= 16
@@ -104,22 +102,22 @@ def test_crop_area_and_aspect_follow_the_paper_over_10000_draws():
 def test_one_pixel_and_tiny_images_fall_back_to_a_center_crop(tmp_path):
     Image.new("RGB", (1, 1), (10, 200, 30)).save(tmp_path / "dot.png")
     Image.new("RGB", (3, 2), (90, 90, 90)).save(tmp_path / "tiny.png")
-    source = sources.FolderSource(tmp_path)
+    source = data.FolderSource(tmp_path)
     views = augment.paper_views(16)
     batches = training.view_pair_batches(source, views, 2, steps_per_epoch=3, epochs=1, seed=0)
     for view_a, view_b in batches:
         assert view_a.shape == (2, 16, 16, 3) and np.isfinite(view_a.numpy()).all()
-    assert not sources.unreadable_images.take()
+    assert not data.unreadable_images.take()
 
 
 def test_eval_images_are_resized_then_center_cropped_not_squashed(tmp_path):
     image = np.zeros((100, 200, 3), np.uint8)
     image[:, 50:150] = 255  # a white middle half: a center crop of the resized image is all white
     Image.fromarray(image).save(tmp_path / "wide.png")
-    (out, _), = sources.FolderSource(tmp_path).images(32).as_numpy_iterator()
+    (out, _), = data.FolderSource(tmp_path).images(32).as_numpy_iterator()
     assert out.shape == (32, 32, 3)
     assert out[:, 4:28].min() > 0.99  # squashing 200 -> 32 would keep black bands at both sides
-    same = sources.ArraySource(np.full((2, 28, 28, 1), 51, np.uint8))
+    same = data.ArraySource(np.full((2, 28, 28, 1), 51, np.uint8))
     np.testing.assert_allclose(next(iter(same.images(28)))[0].numpy(), 0.2, atol=1e-6)
 
 
@@ -136,7 +134,7 @@ def _views_of(source, start, count, *, batch=16, start_epoch=0, epochs=2, device
 
 @pytest.mark.parametrize("start_epoch", [0, 1])
 def test_two_workers_rows_equal_the_single_process_batch_bitwise(photos, start_epoch):
-    source = sources.FolderSource(photos)
+    source = data.FolderSource(photos)
     whole = _views_of(source, 0, 16, start_epoch=start_epoch)
     first, second = _views_of(source, 0, 8, start_epoch=start_epoch), _views_of(source, 8, 8, start_epoch=start_epoch)
     assert len(whole) == len(first) == 2 * (2 - start_epoch)
@@ -147,14 +145,14 @@ def test_two_workers_rows_equal_the_single_process_batch_bitwise(photos, start_e
 
 
 def test_a_resumed_epoch_equals_the_same_epoch_of_a_full_run(photos):
-    source = sources.FolderSource(photos)
+    source = data.FolderSource(photos)
     full, resumed = _views_of(source, 0, 16), _views_of(source, 0, 16, start_epoch=1)
     for (a, b), (ra, rb) in zip(full[2:], resumed):
         np.testing.assert_array_equal(a.numpy(), ra.numpy())
         np.testing.assert_array_equal(b.numpy(), rb.numpy())
 
 
-class _CountingFolder(sources.FolderSource):
+class _CountingFolder(data.FolderSource):
     """Counts the files its pipeline reads (each read is one decode of two views)."""
 
     reads = 0
@@ -176,7 +174,7 @@ def test_each_worker_reads_and_decodes_only_its_rows(photos):
 
 
 def test_views_made_on_the_device_equal_the_cpu_views(photos):
-    source = sources.FolderSource(photos)
+    source = data.FolderSource(photos)
     views = augment.paper_views(48)
     cpu = _views_of(source, 0, 16, views=views, epochs=1)
     crops = _views_of(source, 0, 16, views=views, epochs=1, device=True)
@@ -193,7 +191,7 @@ def test_vicreg_trains_on_device_views_as_on_cpu_views(photos):
     import vicreg_tf
     from vicreg_tf.backbones import small_cnn
 
-    source = sources.FolderSource(photos)
+    source = data.FolderSource(photos)
     views = augment.paper_views(32)
 
     def run(device):
@@ -201,8 +199,8 @@ def test_vicreg_trains_on_device_views_as_on_cpu_views(photos):
         model = vicreg_tf.VICReg(small_cnn((32, 32, 3), widths=(4, 8)), projector="16-16",
                                  device_views=views if device else None)
         model.compile(optimizer=keras.optimizers.SGD(0.01))
-        data = training.view_pair_batches(source, views, 8, steps_per_epoch=2, epochs=1, seed=1, device_views=device)
-        history = model.fit(data, epochs=1, steps_per_epoch=2, verbose=0).history
+        batches = training.view_pair_batches(source, views, 8, steps_per_epoch=2, epochs=1, seed=1, device_views=device)
+        history = model.fit(batches, epochs=1, steps_per_epoch=2, verbose=0).history
         return history["loss"][0], [w.numpy() for w in model.trainable_weights]
 
     (loss_cpu, w_cpu), (loss_dev, w_dev) = run(False), run(True)
@@ -213,7 +211,7 @@ def test_vicreg_trains_on_device_views_as_on_cpu_views(photos):
 
 def test_arrays_rows_equal_the_whole_batch_and_stay_uint8_in_memory():
     images = np.random.default_rng(0).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
-    source = sources.ArraySource(images, np.arange(40) % 4)
+    source = data.ArraySource(images, np.arange(40) % 4)
     views = augment.grayscale_views(28)
     whole = _views_of(source, 0, 16, views=views)
     halves = _views_of(source, 0, 8, views=views), _views_of(source, 8, 8, views=views)
@@ -230,19 +228,19 @@ def test_an_image_that_fails_mid_epoch_is_replaced_and_counted(tmp_path):
     bad = tmp_path / "class0" / "00002.jpg"
     bad.write_bytes(bad.read_bytes()[:300])  # truncated: the header reads, the scan does not
     (tmp_path / "class0" / "fake.png").write_text("not an image")
-    source = sources.FolderSource(tmp_path)
+    source = data.FolderSource(tmp_path)
     assert source.count == 7  # listed, never decoded up front
-    sources.unreadable_images.take()
+    data.unreadable_images.take()
     batches = list(training.view_pair_batches(source, augment.paper_views(32), 7, steps_per_epoch=1, epochs=1))
     assert batches[0][0].shape == (7, 32, 32, 3)
-    names = sorted(Path(n).name for n in sources.unreadable_images.take())
+    names = sorted(Path(n).name for n in data.unreadable_images.take())
     assert names == ["00002.jpg", "fake.png"]
 
 
 def test_unreadable_images_report_prints_one_line_per_epoch(capsys):
-    sources.unreadable_images.take()
-    sources.unreadable_images.record("a.jpg")
-    sources.unreadable_images.record("b.jpg")
+    data.unreadable_images.take()
+    data.unreadable_images.record("a.jpg")
+    data.unreadable_images.record("b.jpg")
     training.UnreadableImagesReport().on_epoch_end(0)
     training.UnreadableImagesReport().on_epoch_end(1)
     lines = capsys.readouterr().out.strip().splitlines()
@@ -252,17 +250,17 @@ def test_unreadable_images_report_prints_one_line_per_epoch(capsys):
 def test_folder_with_no_images_and_missing_folder_are_named(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="no image files under"):
-        sources.FolderSource(tmp_path)
+        data.FolderSource(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        sources.FolderSource(tmp_path / "missing")
+        data.FolderSource(tmp_path / "missing")
 
 
 def test_folder_eval_split_is_held_out_stably_by_name(photos):
-    train, held = sources.FolderSource(photos, split="train"), sources.FolderSource(photos, split="eval", eval_fraction=0.25)
-    train25 = sources.FolderSource(photos, split="train", eval_fraction=0.25)
+    train, held = data.FolderSource(photos, split="train"), data.FolderSource(photos, split="eval", eval_fraction=0.25)
+    train25 = data.FolderSource(photos, split="train", eval_fraction=0.25)
     assert not set(train25.names) & set(held.names)
     assert len(train25.names) + len(held.names) == 48 and 4 <= len(held.names) <= 20
-    assert sources.FolderSource(photos, split="eval", eval_fraction=0.25).names == held.names
+    assert data.FolderSource(photos, split="eval", eval_fraction=0.25).names == held.names
     assert train.count > train25.count
 
 
@@ -281,9 +279,9 @@ def test_tfrecords_stream_encoded_and_give_the_folder_element_spec(tmp_path, pho
     images = [_photo(120, 90, seed=k) for k in range(10)]
     _write_records(tmp_path / "a.tfrecord", images[:6])
     _write_records(tmp_path / "b.tfrecord", images[6:])
-    source = sources.RecordSource.from_tfrecords(str(tmp_path / "*.tfrecord"))
+    source = data.RecordSource.from_tfrecords(str(tmp_path / "*.tfrecord"))
     assert source.count == 10 and source.labelled
-    assert source.encoded().element_spec == sources.FolderSource(photos).encoded().element_spec
+    assert source.encoded().element_spec == data.FolderSource(photos).encoded().element_spec
     batches = list(training.view_pair_batches(source, augment.paper_views(32), 4, steps_per_epoch=2, epochs=1))
     assert len(batches) == 2 and batches[0][0].shape == (4, 32, 32, 3)
     halves = [list(training.view_pair_batches(source, augment.paper_views(32), 4, steps_per_epoch=2, epochs=1,
@@ -295,9 +293,9 @@ def test_tfrecords_stream_encoded_and_give_the_folder_element_spec(tmp_path, pho
 def test_tfrecords_without_an_image_feature_name_the_features(tmp_path):
     _write_records(tmp_path / "x.tfrecord", [_photo(20, 20)], image_key="pixels")
     with pytest.raises(ValueError, match=r"no encoded-image feature .*features \['image/class/label', 'pixels'\]"):
-        sources.RecordSource.from_tfrecords(str(tmp_path / "*.tfrecord"))
+        data.RecordSource.from_tfrecords(str(tmp_path / "*.tfrecord"))
     with pytest.raises(ValueError, match="no TFRecord files match"):
-        sources.RecordSource.from_tfrecords(str(tmp_path / "none-*.tfrecord"))
+        data.RecordSource.from_tfrecords(str(tmp_path / "none-*.tfrecord"))
 
 
 def _tiny_builder(tmp_path):
@@ -326,9 +324,9 @@ def _tiny_builder(tmp_path):
 def test_tfds_source_skips_decoding_and_names_the_prepare_command(tmp_path):
     builder_class = _tiny_builder(tmp_path)
     with pytest.raises(ValueError, match=rf"not prepared in .*tfds build {builder_class.name}"):
-        sources.RecordSource.from_tfds(builder_class.name, "train", data_dir=tmp_path)
+        data.RecordSource.from_tfds(builder_class.name, "train", data_dir=tmp_path)
     builder_class(data_dir=str(tmp_path)).download_and_prepare()
-    source = sources.RecordSource.from_tfds(builder_class.name, "train", data_dir=tmp_path)
+    source = data.RecordSource.from_tfds(builder_class.name, "train", data_dir=tmp_path)
     assert source.count == 12  # from the metadata, nothing read
     item, label = next(iter(source.encoded()))
     assert item.dtype == tf.string and bytes(item.numpy()[:3]) == b"\xff\xd8\xff"  # still JPEG bytes
@@ -342,13 +340,13 @@ def test_tfds_source_skips_decoding_and_names_the_prepare_command(tmp_path):
 _PEAK = textwrap.dedent("""
     import json, resource, sys, time
     import vicreg_tf
-    from vicreg_tf import augment, sources, training
-    source = sources.FolderSource(sys.argv[1])
+    from vicreg_tf import augment, data, training
+    source = data.FolderSource(sys.argv[1])
     start = time.perf_counter()
-    data = training.view_pair_batches(source, augment.paper_views(224), 16, steps_per_epoch=source.count // 16,
+    batches = training.view_pair_batches(source, augment.paper_views(224), 16, steps_per_epoch=source.count // 16,
                                       epochs=1, seed=0)
     first = None
-    for k, _ in enumerate(data):
+    for k, _ in enumerate(batches):
         first = first or time.perf_counter() - start
     print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "first_s": first}))
 """)
@@ -368,7 +366,7 @@ def test_peak_memory_does_not_grow_with_the_folder(tmp_path):
 
 
 def test_a_run_resumed_mid_epoch_gets_the_rest_of_that_epoch(photos):
-    source = sources.FolderSource(photos)
+    source = data.FolderSource(photos)
     views = augment.paper_views(32)
     full = list(training.view_pair_batches(source, views, 8, steps_per_epoch=3, epochs=2, seed=2))
     resumed = list(training.view_pair_batches(source, views, 8, steps_per_epoch=3, start_epoch=0, start_step=2,

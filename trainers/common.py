@@ -112,7 +112,10 @@ def check_workdir(workdir: Path, config, *, write: bool = True) -> None:
 
 
 OPTIMIZERS = ("lars", "adamw")
-_POLICIES = ("", "float32", "float64", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
+_POLICIES = ("auto", "", "float32", "float64", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
+# config.training.jit_compile is a string field (ml_collections keeps a field's type): "auto",
+# "on" or "off"; "true" / "false" (any case, as a command line gives them) and bools are accepted.
+_JIT_VALUES = {"auto": "auto", "on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 VERBOSE_CHOICES = ("auto", "0", "1", "2")
 
 
@@ -173,6 +176,8 @@ def validate_config(config) -> None:
     check("eval.knn_k", lambda v: len(v) > 0 and all(is_int(k) and k > 0 for k in v), "a list of positive ints")
     check("eval.label_fractions", lambda v: all(is_number(f) and 0 < f <= 1 for f in v), "fractions in (0, 1]")
     check("training.mixed_precision", lambda v: v in _POLICIES, f"one of {list(_POLICIES)}")
+    check("training.jit_compile", lambda v: str(v).lower() in _JIT_VALUES,
+          "'auto' (XLA on for one GPU, off on CPUs and under several replicas), 'on' or 'off'")
     if "verbose" in config.training:
         check("training.verbose", lambda v: str(v) in VERBOSE_CHOICES,
               "'auto' (a progress bar on a terminal, a line per epoch otherwise), 0, 1 or 2")
@@ -324,38 +329,38 @@ SOURCES = ("fashion_mnist", "tfds", "folder", "tfrecords")
 
 
 def load_source(config, split: str):
-    """The configured source of `split` (a `vicreg_tf.sources` source): images stay encoded on disk.
+    """The configured source of `split` (a `vicreg_tf.data` source): images stay encoded on disk.
 
     Folders: `data.train_split` / `data.eval_split` are "train" / "eval" (a stable
     held-out `data.eval_fraction` of the files, chosen by a hash of each name) or
     "all"; `data.eval_path` names a separate folder for evaluation instead.
     TFRecords: `data.path` (training) and `data.eval_path` are file patterns.
     """
-    from vicreg_tf import data, sources
+    from vicreg_tf import data
 
     kind = config.data.source
     channels = config.data.channels
     is_eval = split == config.data.eval_split and split != config.data.train_split
     if kind == "fashion_mnist":
         images, labels, directory = data.fashion_mnist_arrays(split, data_dir=config.data.path or None)
-        source = sources.ArraySource(images, labels, name=f"fashion_mnist:{split}:{directory}")
+        source = data.ArraySource(images, labels, name=f"fashion_mnist:{split}:{directory}")
     elif kind == "tfds":
-        source = sources.RecordSource.from_tfds(
+        source = data.RecordSource.from_tfds(
             config.data.name, split, data_dir=config.data.path or None, channels=channels,
             cache_mb=config.data.cache_mb,
         )
     elif kind == "folder":
         if is_eval and config.data.eval_path:
-            source = sources.FolderSource(config.data.eval_path, channels)
+            source = data.FolderSource(config.data.eval_path, channels)
         else:
-            source = sources.FolderSource(config.data.path, channels, split=split,
+            source = data.FolderSource(config.data.path, channels, split=split,
                                           eval_fraction=config.data.eval_fraction)
     elif kind == "tfrecords":
         pattern = config.data.eval_path if is_eval else config.data.path
         if not pattern:
             raise ValueError(f"config.data.source='tfrecords' needs --config.data.{'eval_path' if is_eval else 'path'}"
                              "=/path/to/files-*.tfrecord")
-        source = sources.RecordSource.from_tfrecords(pattern, channels=channels, cache_mb=config.data.cache_mb)
+        source = data.RecordSource.from_tfrecords(pattern, channels=channels, cache_mb=config.data.cache_mb)
     else:
         raise ValueError(f"unknown data.source {kind!r}; expected one of {list(SOURCES)}")
     if config.data.limit and not is_eval:
@@ -369,21 +374,84 @@ def load_images(config, split: str):
     return source.images(config.data.image_size), source.count
 
 
-def views_on_device(config, strategy) -> bool:
-    """config.views.on_device: "auto" is on when training on GPUs or TPUs without XLA (the CPU then only decodes and crops)."""
+# mixed_bfloat16 for "auto" on CPUs with native bfloat16 (AVX512_BF16 / AMX)? Off: faster (1.93x
+# the small-CNN step, 1.24x wall end to end on shared cores) but the Fashion-MNIST recipe lost 0.51
+# points linear against float32 with the same seed (configs/fashion_mnist.py, PRECISION).
+BFLOAT16_ON_CPU = False
+
+
+def training_device_kind(strategy) -> str:
+    """"GPU", "TPU" or "CPU": what the strategy's replicas run on."""
     import tensorflow as tf
 
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy: one device, TensorFlow's choice
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")[:1]]
+    names = " ".join(devices).upper()
+    return "TPU" if "TPU" in names else "GPU" if "GPU" in names else "CPU"
+
+
+def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (the avx512_bf16 or amx_bf16 flag in /proc/cpuinfo)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:  # not Linux: no way to tell, so no
+            return False
+    flags = set(cpuinfo.split())
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def resolve_mixed_precision(config, strategy) -> str:
+    """config.training.mixed_precision with "auto" resolved: mixed_bfloat16 where the hardware has bfloat16.
+
+    GPUs of compute capability >= 8.0 (all of them), TPUs, and (if BFLOAT16_ON_CPU)
+    CPUs with AVX512_BF16 or AMX; float32 ("") otherwise. Decided on the machine
+    that runs, at run time. An explicit policy is returned as it is.
+    """
+    value = config.training.mixed_precision
+    if value != "auto":
+        return value
+    kind = training_device_kind(strategy)
+    if kind == "TPU":
+        return "mixed_bfloat16"
+    if kind == "GPU":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        capabilities = [tuple(tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0)))
+                        for g in gpus]
+        return "mixed_bfloat16" if capabilities and min(capabilities) >= (8, 0) else ""
+    return "mixed_bfloat16" if BFLOAT16_ON_CPU and cpu_has_native_bfloat16() else ""
+
+
+def resolve_jit_compile(config, strategy) -> bool:
+    """config.training.jit_compile with "auto" resolved: XLA on one GPU (or TPU) only.
+
+    Off on CPUs (measured: 0.71x the step without XLA for the small CNN) and under
+    several replicas (Keras leaves XLA off under tf.distribute, the all-gather has
+    no XLA GPU kernel: keras issue 18110; LossScaleOptimizer + XLA + Mirrored fails:
+    keras issue 21366).
+    """
+    value = _JIT_VALUES.get(str(config.training.jit_compile).lower())
+    if value is None:
+        raise ValueError(f"config.training.jit_compile must be 'auto', 'on' or 'off', got {config.training.jit_compile!r}")
+    if value != "auto":
+        return value
+    return strategy.num_replicas_in_sync == 1 and training_device_kind(strategy) in ("GPU", "TPU")
+
+
+def views_on_device(config, strategy) -> bool:
+    """config.views.on_device: "auto" is on when training on GPUs or TPUs without XLA (the CPU then only decodes and crops)."""
     value = str(config.views.on_device)
     if value not in ("auto", "on", "off"):
         raise ValueError(f"config.views.on_device must be 'auto', 'on' or 'off', got {value!r}")
     if value == "auto":
-        if config.training.jit_compile:  # XLA cannot compile the view ops (data-dependent shapes)
+        if resolve_jit_compile(config, strategy):  # XLA cannot compile the view ops (data-dependent shapes)
             return False
-        try:
-            devices = list(strategy.extended.worker_devices)
-        except RuntimeError:  # the default strategy: one device, TensorFlow's choice
-            devices = [d.name for d in tf.config.list_logical_devices("GPU")[:1]]
-        return any("GPU" in d.upper() or "TPU" in d.upper() for d in devices)
+        return training_device_kind(strategy) in ("GPU", "TPU")
     return value == "on"
 
 

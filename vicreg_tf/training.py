@@ -179,7 +179,7 @@ def view_pair_batches(
     inside its train step.
 
     Args:
-        source: a `vicreg_tf.sources` source (FolderSource, RecordSource, ArraySource).
+        source: a `vicreg_tf.data` source (FolderSource, RecordSource, ArraySource).
         two_views: a `vicreg_tf.augment.TwoViews`.
         batch_size: the global batch size.
         steps_per_epoch, start_epoch, epochs: the epochs to produce.
@@ -189,7 +189,7 @@ def view_pair_batches(
         row_start, row_count: this worker's rows of each global batch (default: all).
         device_views: leave stage 2 to the model (see above).
     """
-    from vicreg_tf import sources
+    from vicreg_tf import data
 
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
@@ -218,8 +218,8 @@ def view_pair_batches(
         need = steps_per_epoch * batch_size
 
         def one_epoch(epoch):
-            order = sources.epoch_permutation(source.count, tf.stack([epoch_seed(seed, epoch), tf.constant(-1, tf.int64)]))
-            order = tf.tile(order, [sources.ceil_div(need, source.count)])[:need]
+            order = data.epoch_permutation(source.count, tf.stack([epoch_seed(seed, epoch), tf.constant(-1, tf.int64)]))
+            order = tf.tile(order, [data.ceil_div(need, source.count)])[:need]
             mine = tf.reshape(order, [steps_per_epoch, batch_size])[first_step(epoch):, row_start:end]
             return tf.data.Dataset.zip((
                 tf.data.Dataset.from_tensors(epoch).repeat(),
@@ -228,11 +228,11 @@ def view_pair_batches(
             ))
     else:
         def one_epoch(epoch):
-            records = sources.windowed_permutation(
+            records = data.windowed_permutation(
                 source.records(), shuffle_buffer, tf.stack([epoch_seed(seed, epoch), tf.constant(-1, tf.int64)])
             )
             mine = records.repeat().batch(batch_size, drop_remainder=True).take(steps_per_epoch)
-            mine = mine.skip(first_step(epoch)).map(lambda data, labels: data[row_start:end])
+            mine = mine.skip(first_step(epoch)).map(lambda items, labels: items[row_start:end])
             return tf.data.Dataset.zip((
                 tf.data.Dataset.from_tensors(epoch).repeat(),
                 tf.data.Dataset.range(first_step(epoch), steps_per_epoch), mine,
@@ -263,15 +263,15 @@ def view_pair_batches(
 
         def decode_two(epoch, step, item, params_a, params_b):
             contents = source.read(item)
-            crop_a = sources.decode_crop(contents, _window(two_views.view_a, params_a), size, channels)
-            crop_b = sources.decode_crop(contents, _window(two_views.view_b, params_b), size, channels)
+            crop_a = data.decode_crop(contents, _window(two_views.view_a, params_a), size, channels)
+            crop_b = data.decode_crop(contents, _window(two_views.view_b, params_b), size, channels)
             return epoch, step, crop_a, crop_b
 
         def gray(epoch, step, *_):
-            return epoch, step, sources.gray_image([*size, channels]), sources.gray_image([*size, channels])
+            return epoch, step, data.gray_image([*size, channels]), data.gray_image([*size, channels])
 
         rows_ds = dataset.flat_map(per_row)
-        dataset = sources.safe_map(rows_ds, decode_two, gray, name_of=lambda epoch, step, item, a, b: source.name_of(item))
+        dataset = data.safe_map(rows_ds, decode_two, gray, name_of=lambda epoch, step, item, a, b: source.name_of(item))
         dataset = dataset.batch(row_count, drop_remainder=True).map(
             lambda epochs, steps, crops_a, crops_b: (epochs[0], steps[0], crops_a, crops_b)
         )
@@ -289,7 +289,7 @@ def view_pair_batches(
 
 
 def _window(view, params):
-    """A box function for `sources.decode_crop` from one image's crop numbers."""
+    """A box function for `data.decode_crop` from one image's crop numbers."""
 
     def box(height, width):
         top, left, h, w = view.crop.window(params, height, width)
@@ -312,7 +312,7 @@ class UnreadableImagesReport(keras.callbacks.Callback):
         self.shown = shown
 
     def on_epoch_end(self, epoch, logs=None):
-        from vicreg_tf.sources import unreadable_images
+        from vicreg_tf.data import unreadable_images
 
         names = unreadable_images.take()
         if names:

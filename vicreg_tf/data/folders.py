@@ -1,0 +1,223 @@
+"""Folders of image files: listed once, never decoded up front (`FolderSource`), and `from_folder`."""
+from __future__ import annotations
+
+import os
+import warnings
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from vicreg_tf.data.base import _Source
+from vicreg_tf.data.images import IMAGE_EXTENSIONS, NO_LABEL, _channels, _decode_full, _image_size, eval_transform
+
+
+def _list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _readable(paths: list[str], channels: int) -> np.ndarray:
+    """Which files decode: one parallel pass of tf.io.decode_image, errors dropped, survivors' indices kept."""
+    indices = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+    indices = indices.map(
+        lambda i, path: (i, tf.shape(_decode_full(tf.io.read_file(path), channels))),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False,
+    ).ignore_errors()
+    ok = np.zeros(len(paths), bool)
+    for batch, _ in indices.batch(1024).as_numpy_iterator():
+        ok[batch] = True
+    return ok
+
+
+def from_folder(
+    path: str | os.PathLike,
+    image_size: Sequence[int] | int,
+    channels: int = 3,
+    *,
+    labels: str = "auto",
+    validate: bool = False,
+) -> tf.data.Dataset:
+    """Images under a folder (recursive; jpg, jpeg, png, bmp, gif) as (image, label) pairs.
+
+    Labels: with `labels="auto"`, when every image sits inside a first-level
+    sub-folder (`root/<class>/.../x.jpg`), the sorted sub-folder names are
+    classes 0..K-1; otherwise every label is -1. `labels="none"` always gives -1,
+    `labels="folders"` demands class sub-folders.
+
+    Unreadable files (truncated, not really images) never stop an epoch: they
+    are dropped while iterating. Nothing is decoded up front unless
+    `validate=True` (one parallel decoding pass that names the bad files in a
+    single warning: hours for a million photos, so off by default). Images are
+    resized so the shorter side is `image_size / 0.875` and center-cropped (the
+    standard evaluation transform; the aspect ratio is kept), an image already
+    of `image_size` is left as it is; GIFs give their first frame. For training,
+    `FolderSource` streams file names and crops each view from
+    the original image instead.
+
+    Args:
+        path: root folder.
+        image_size: (height, width) of the output images.
+        channels: 1 (gray) or 3 (RGB).
+        labels: "auto", "folders" or "none".
+        validate: decode every file once up front, to leave the unreadable out and name them.
+
+    Raises:
+        FileNotFoundError: `path` is not a folder.
+        ValueError: no image file under `path`, or none of them readable.
+
+    Example:
+    >>> ds = from_folder("photos/", (64, 64))  # doctest: +SKIP
+    """
+    size = _image_size(image_size)
+    channels = _channels(channels)
+    if labels not in ("auto", "folders", "none"):
+        raise ValueError(f"labels must be 'auto', 'folders' or 'none', got {labels!r}")
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
+    files = _list_images(root)
+    if not files:
+        raise ValueError(
+            f"no image files under {str(root)!r} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    relative = [f.relative_to(root) for f in files]
+    in_subfolders = all(len(r.parts) >= 2 for r in relative)
+    if labels == "folders" and not in_subfolders:
+        loose = [str(r) for r in relative if len(r.parts) < 2][:3]
+        raise ValueError(f"labels='folders' needs every image inside a class sub-folder of {root}; found {loose}")
+    if labels != "none" and in_subfolders:
+        classes = sorted({r.parts[0] for r in relative})
+        class_ids = {c: k for k, c in enumerate(classes)}
+        targets = np.array([class_ids[r.parts[0]] for r in relative], np.int32)
+    else:
+        targets = np.full(len(files), NO_LABEL, np.int32)
+    names = [str(f) for f in files]
+    if validate:
+        ok = _readable(names, channels)
+        bad = [str(r) for r, good in zip(relative, ok) if not good]
+        if bad:
+            shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+            warnings.warn(
+                f"from_folder({str(root)!r}): skipped {len(bad)} unreadable of {len(files)} image files: {shown}",
+                stacklevel=2,
+            )
+        if not ok.any():
+            raise ValueError(f"none of the {len(files)} image files under {str(root)!r} could be decoded")
+        names = [n for n, good in zip(names, ok) if good]
+        targets = targets[ok]
+
+    def load(filename, label):
+        image = _decode_full(tf.io.read_file(filename), channels)
+        return tf.ensure_shape(eval_transform(image, size), (*size, channels)), label
+
+    dataset = tf.data.Dataset.from_tensor_slices((names, targets))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if not validate:
+        dataset = dataset.ignore_errors()
+    return dataset
+
+
+def _held_out(relative: str, fraction: float) -> bool:
+    """A stable split by file name: the same files are held out on every run and machine."""
+    return (zlib.crc32(relative.encode("utf-8")) % 10_000) < fraction * 10_000
+
+
+class FolderSource(_Source):
+    """Images under a folder (recursive; jpg, jpeg, png, bmp, gif), listed once, never decoded up front.
+
+    Labels: with `labels="auto"`, when every image sits inside a first-level
+    sub-folder (`root/<class>/.../x.jpg`), the sorted sub-folder names are
+    classes 0..K-1; otherwise every label is -1. `labels="none"` always gives -1,
+    `labels="folders"` demands class sub-folders.
+
+    Splits: `split="all"` (default) takes every file; `"train"` and `"eval"`
+    divide them by a hash of each file's path relative to the folder, with
+    `eval_fraction` of them held out for evaluation (stable across runs,
+    machines and added files).
+
+    Args:
+        path: root folder.
+        channels: 1 (gray) or 3 (RGB).
+        labels: "auto", "folders" or "none".
+        split: "all", "train" or "eval".
+        eval_fraction: share of files in the "eval" split.
+
+    Raises:
+        FileNotFoundError: `path` is not a folder.
+        ValueError: no image file under `path` (or in the split).
+
+    Example:
+    >>> source = FolderSource("photos/")  # doctest: +SKIP
+    >>> source.count, source.labelled      # doctest: +SKIP
+    """
+
+    kind = "folder"
+
+    def __init__(self, path, channels: int = 3, *, labels: str = "auto", split: str = "all",
+                 eval_fraction: float = 0.1):
+        channels = _channels(channels)
+        if labels not in ("auto", "folders", "none"):
+            raise ValueError(f"labels must be 'auto', 'folders' or 'none', got {labels!r}")
+        if split not in ("all", "train", "eval"):
+            raise ValueError(f"split must be 'all', 'train' or 'eval' for a folder, got {split!r}")
+        if not (isinstance(eval_fraction, (int, float)) and 0.0 < eval_fraction < 1.0):
+            raise ValueError(f"eval_fraction must be a number in (0, 1), got {eval_fraction!r}")
+        root = Path(path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise ValueError(
+                f"no image files under {str(root)!r} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        relative = [f.relative_to(root) for f in files]
+        in_subfolders = all(len(r.parts) >= 2 for r in relative)
+        if labels == "folders" and not in_subfolders:
+            loose = [str(r) for r in relative if len(r.parts) < 2][:3]
+            raise ValueError(f"labels='folders' needs every image inside a class sub-folder of {root}; found {loose}")
+        if labels != "none" and in_subfolders:
+            self.classes = sorted({r.parts[0] for r in relative})
+            ids = {c: k for k, c in enumerate(self.classes)}
+            targets = np.array([ids[r.parts[0]] for r in relative], np.int32)
+        else:
+            self.classes = []
+            targets = np.full(len(files), NO_LABEL, np.int32)
+        if split != "all":
+            held = np.array([_held_out(r.as_posix(), eval_fraction) for r in relative], bool)
+            keep = held if split == "eval" else ~held
+            files = [f for f, k in zip(files, keep) if k]
+            targets = targets[keep]
+            if not files:
+                raise ValueError(
+                    f"the {split!r} split of {str(root)!r} is empty ({len(relative)} files, "
+                    f"eval_fraction={eval_fraction}); use split='all' or another eval_fraction"
+                )
+        super().__init__(len(files), channels, labelled=bool(self.classes))
+        self.root = root.resolve()
+        self.split = split
+        self.names = [str(f) for f in files]
+        self.labels = targets
+        self.bytes_on_disk = sum(f.stat().st_size for f in files)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": str(self.root), "split": self.split, "count": self.count}
+
+    def limited(self, n: int) -> "FolderSource":
+        if n >= self.count:
+            return self
+        clone = object.__new__(FolderSource)
+        clone.__dict__.update(self.__dict__)
+        clone.names, clone.labels, clone.count = self.names[:n], self.labels[:n], n
+        return clone
+
+    def items(self):
+        return tf.constant(self.names), tf.constant(self.labels)
+
+    def read(self, item):
+        return tf.io.read_file(item)
+
+    def name_of(self, item):
+        return item
