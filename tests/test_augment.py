@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vicreg_tf import augment
+from vicreg_tf import augment, kerascv_pipeline
 
 N = 4000  # images per probability estimate: 4 sigma of a 0.2 rate is 0.025
 
@@ -297,14 +297,14 @@ def test_get_config_round_trip(name):
         (lambda: augment.ViewPipeline(-3), "image_size must be .* got -3"),
         (lambda: augment.paper_views(0), "image_size must be .* got 0"),
         (lambda: augment.grayscale_views((0, 28)), r"image_size must be .* got \(0, 28\)"),
-        (lambda: augment.kerascv_views(-1), "image_size must be .* got -1"),
+        (lambda: kerascv_pipeline.kerascv_views(-1), "image_size must be .* got -1"),
         (lambda: augment.RandomHorizontalFlip(1.5), r"probability must be a probability in \[0, 1\], got 1.5"),
         (lambda: augment.RandomSolarize(-0.1), r"probability must be a probability in \[0, 1\], got -0.1"),
         (lambda: augment.RandomGaussianBlur(2), r"probability must be a probability in \[0, 1\], got 2"),
         (lambda: augment.ViewPipeline(8, jitter_prob=1.01), r"jitter_prob must be a probability in \[0, 1\], got 1.01"),
         (lambda: augment.paper_views(8, grayscale_prob=-1), r"grayscale_prob must be .* \[0, 1\], got -1"),
         (lambda: augment.paper_views(8, view_b={"solarize_prob": 3}), r"solarize_prob must be .* \[0, 1\], got 3"),
-        (lambda: augment.kerascv_views(8, blur_prob=1.5), r"blur_prob must be .* \[0, 1\], got 1.5"),
+        (lambda: kerascv_pipeline.kerascv_views(8, blur_prob=1.5), r"blur_prob must be .* \[0, 1\], got 1.5"),
         (lambda: augment.ViewPipeline(8, crop_area=(0.5, 0.1)), r"crop_area must be \(min, max\) .* got \(0.5, 0.1\)"),
         (lambda: augment.ViewPipeline(8, blur_sigma=(0.0, 1.0)), r"blur_sigma must be .* got \(0.0, 1.0\)"),
         (lambda: augment.ViewPipeline(8, hue=0.7), r"hue must be a number in \[0, 0.5\], got 0.7"),
@@ -321,7 +321,7 @@ def test_bad_arguments_raise_naming_argument_value_and_expectation(build, expect
 
 @pytest.fixture(scope="module")
 def kerascv_paper():
-    return augment.kerascv_views(8, seed=0)
+    return kerascv_pipeline.kerascv_views(8, seed=0)
 
 
 def test_kerascv_views_in_tf_data_shapes_dtypes_ranges(kerascv_paper):
@@ -341,7 +341,7 @@ def test_kerascv_views_eager_shapes_dtypes_ranges(kerascv_paper):
 
 @pytest.mark.large
 def test_kerascv_grayscale_preset_on_one_channel():
-    view_a, view_b = augment.kerascv_views(8, preset="grayscale", seed=1)(_rgb(4, size=10)[..., :1])
+    view_a, view_b = kerascv_pipeline.kerascv_views(8, preset="grayscale", seed=1)(_rgb(4, size=10)[..., :1])
     assert tuple(view_a.shape) == (4, 8, 8, 1)
     _assert_in_unit_range(view_b)
 
@@ -357,13 +357,13 @@ def test_kerascv_views_use_the_recipe(kerascv_paper):
 
 
 def test_kerascv_solarize_threshold_is_half_on_unit_range():
-    view = augment.KerasCVViewPipeline(8, solarize_prob=1.0)
+    view = kerascv_pipeline.KerasCVViewPipeline(8, solarize_prob=1.0)
     images = tf.constant([0.2, 0.49, 0.51, 0.8])[None, None, :, None]
     np.testing.assert_allclose(view.solarize(images).numpy().ravel(), [0.2, 0.49, 0.49, 0.2], atol=1e-5)
 
 
 def test_kerascv_per_image_probability():
-    view = augment.KerasCVViewPipeline(8, solarize_prob=0.2, seed=3)
+    view = kerascv_pipeline.KerasCVViewPipeline(8, solarize_prob=0.2, seed=3)
     n = 2000
     out = _in_tf_data(lambda x, seed: view.solarize(x), tf.fill((n, 2, 2, 1), 0.75))
     _assert_rate(np.isclose(out.numpy()[:, 0, 0, 0], 0.25, atol=1e-4), 0.2, n=n)
@@ -371,10 +371,10 @@ def test_kerascv_per_image_probability():
 
 def test_kerascv_get_config_round_trip(kerascv_paper):
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(kerascv_paper))
-    assert isinstance(clone, augment.KerasCVTwoViews) and clone.get_config() == kerascv_paper.get_config()
+    assert isinstance(clone, kerascv_pipeline.KerasCVTwoViews) and clone.get_config() == kerascv_paper.get_config()
     assert clone.view_b.knobs["solarize_prob"] == 0.2
 
 
 def test_kerascv_out_of_range_knob_raises():
     with pytest.raises(ValueError, match=r"contrast must be in \[0, 1\] for KerasCV's RandomContrast, got 1.5"):
-        augment.kerascv_views(8, contrast=1.5)
+        kerascv_pipeline.kerascv_views(8, contrast=1.5)

@@ -14,7 +14,8 @@ Public API:
     view_pairs             images -> batches of (view_a, view_b), one line (data)
     load_backbone          a pretrained backbone for transfer learning (transfer)
     export_for_serving     the TF Serving export (serving)
-Submodules: backbones, augment, data, evaluation, methods, serving, transfer.
+Submodules: backbones, augment (the views), kerascv_pipeline (the same views from KerasCV layers),
+data (sources), evaluation, methods, serving (the export writer), serving_client, transfer.
 """
 import os as _os
 
@@ -38,7 +39,7 @@ from vicreg_tf.model import VICReg, StopOnNonFiniteLoss
 from vicreg_tf.methods import BYOL, EntropyVICReg, SimSiam
 from vicreg_tf.optimizers import LARS, scaled_learning_rate, warmup_cosine
 from vicreg_tf.projector import build_projector, parse_projector_spec
-from vicreg_tf import augment, backbones, data, evaluation, methods, serving, transfer
+from vicreg_tf import augment, backbones, data, evaluation, kerascv_pipeline, methods, serving, serving_client, transfer
 from vicreg_tf.augment import TwoViews, grayscale_views, paper_views
 from vicreg_tf.kerascv_pipeline import kerascv_views
 from vicreg_tf.data import view_pairs
@@ -83,5 +84,7 @@ __all__ = [
     "evaluation",
     "methods",
     "serving",
+    "serving_client",
+    "kerascv_pipeline",
     "transfer",
 ]

@@ -892,16 +892,3 @@ def grayscale_views(image_size, seed: int | None = None, **overrides) -> TwoView
     >>> view_a, view_b = views(tf.random.uniform((8, 28, 28, 1)))
     """
     return _two_views(image_size, seed, "grayscale", overrides)
-
-
-_KERASCV_NAMES = ("KerasCVViewPipeline", "KerasCVTwoViews", "kerascv_views")
-
-
-def __getattr__(name: str):
-    # The KerasCV twin lives in vicreg_tf.kerascv_pipeline (it imports keras_cv, which is slow
-    # and optional for the default pipeline); `augment.kerascv_views` keeps working.
-    if name in _KERASCV_NAMES:
-        import importlib
-
-        return getattr(importlib.import_module("vicreg_tf.kerascv_pipeline"), name)
-    raise AttributeError(f"module 'vicreg_tf.augment' has no attribute {name!r}")

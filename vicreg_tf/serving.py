@@ -391,16 +391,3 @@ def export_for_serving(
     if write_config:
         write_models_config(base_dir, [name], config_base_path=config_base_path)
     return target
-
-
-_CLIENT_NAMES = ("GrpcClient", "RestClient", "ServingError")
-
-
-def __getattr__(name: str):
-    # The clients live in vicreg_tf.serving_client (talking to a server is not writing an
-    # export); `vicreg_tf.serving.GrpcClient` keeps working, imported on first use.
-    if name in _CLIENT_NAMES:
-        from vicreg_tf import serving_client
-
-        return getattr(serving_client, name)
-    raise AttributeError(f"module 'vicreg_tf.serving' has no attribute {name!r}")
