@@ -29,15 +29,12 @@ each row.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from bench.quality import DATA, RECIPE, knn_accuracy, linear_probe_accuracy, load_fashion_mnist
-from bench.throughput import RESULTS, machine, md_table, write_results
+from bench.throughput import machine, md_table, write_results
 
 ROWS = {
     "vicreg": ("VICReg (25/25/1)", dict(method="vicreg")),

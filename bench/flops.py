@@ -104,6 +104,7 @@ def _matmul_gflops(mm, n: int, calls: int = 10) -> float:
 
 
 def _tf_child(task: dict) -> dict:
+    import vicreg_tf  # first, as users do: it decides TensorFlow's oneDNN default
     import numpy as np
     import tensorflow as tf
 

@@ -19,6 +19,7 @@ from pathlib import Path
 CHILD = r"""
 import json, os, resource, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+import vicreg_tf  # first, as users do: it decides TensorFlow's oneDNN default
 import numpy as np, tensorflow as tf
 from vicreg_tf.losses import covariance_loss, invariance_loss, variance_loss
 

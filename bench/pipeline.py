@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+import vicreg_tf  # noqa: E402,F401  first, as users do: it decides TensorFlow's oneDNN default
 import tensorflow as tf  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

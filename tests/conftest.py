@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # what `import vicreg_tf` first gives users
 
+import vicreg_tf  # noqa: E402,F401  first, as users do: it decides TensorFlow's oneDNN default
 import tensorflow as tf  # noqa: E402
 
 _cpus = tf.config.list_physical_devices("CPU")

@@ -1,0 +1,177 @@
+"""The layout: no import cycles, docs/ARCHITECTURE.md names files that exist, a wheel with only vicreg_tf."""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PACKAGES = ("vicreg_tf", "trainers", "export", "configs")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            found[_module_name(path)] = path
+    return found
+
+
+def _imports(name: str, path: Path, modules: dict) -> set[str]:
+    """Every module of ours that `name` imports, at any depth of its code (function-level too)."""
+    is_package = path.name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
+    edges = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            targets = [f"{source}.{alias.name}" for alias in node.names] + [source]
+            # `from pkg import name`: an edge to pkg.name if that is a module, else to pkg
+            targets = [t for t in targets if t in modules] or [source]
+            if len(targets) > 1 and source in targets:
+                targets.remove(source)
+        else:
+            continue
+        edges.update(t for t in targets if t in modules and t != name)
+    return edges
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_in_the_package_the_trainers_or_the_export_tools():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules) for name, path in modules.items()}
+    # A package's __init__ may import its own modules (re-exports); a module importing its
+    # package's __init__ back is what makes a cycle, and is caught.
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not (modules[name].name == "__init__.py" and t.startswith(name + "."))}
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_every_file_the_architecture_page_names_exists():
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`((?:vicreg_tf|trainers|export|configs|bench|tests|docs|examples)/[\w/.]*\w)`", text))
+    assert len(named) >= 20
+    missing = sorted(p for p in named if not (REPO / p).exists())
+    assert missing == []
+
+
+def test_onednn_default_is_decided_in_one_place():
+    setters = []
+    for folder in ("vicreg_tf", "trainers", "export", "configs", "bench", "tests", "examples"):
+        for path in (REPO / folder).rglob("*.py"):
+            if "TF_ENABLE_ONEDNN_OPTS" in path.read_text() and "setdefault" in path.read_text():
+                if re.search(r'setdefault\(\s*"TF_ENABLE_ONEDNN_OPTS"', path.read_text()):
+                    setters.append(str(path.relative_to(REPO)))
+    assert setters == ["vicreg_tf/__init__.py"]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (path,) = out.glob("vicreg_tf-*.whl")
+    return path
+
+
+def test_the_wheel_installs_only_vicreg_tf(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    top = {name.split("/")[0] for name in names}
+    assert top == {"vicreg_tf", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
+    for expected in ("vicreg_tf/trainers/pretrain.py", "vicreg_tf/configs/fashion_mnist.py",
+                     "vicreg_tf/configs/tiny.py", "vicreg_tf/export/export.py", "vicreg_tf/data/folders.py"):
+        assert expected in names
+    with zipfile.ZipFile(wheel) as archive:
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "vicreg-train = vicreg_tf.trainers.pretrain:main" in entry_points
+
+
+@pytest.mark.large
+def test_a_non_editable_install_trains_and_exports_from_another_directory(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-2000:]
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    # The dependencies (TensorFlow, Keras, ...) come from this test's environment, as a plain
+    # path entry: its .pth files (the editable install of this checkout) are not run.
+    (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    where = subprocess.run([str(python), "-c", "import vicreg_tf, sys; print(vicreg_tf.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert where.stdout.strip().startswith(str(site)), where.stdout
+    workdir = tmp_path / "run"
+    train = subprocess.run([str(venv / "bin" / "vicreg-train"), "--config=tiny", f"--workdir={workdir}",
+                            "--config.eval.knn_every=0", "--config.training.epochs=1"],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert (workdir / "backbone.keras").exists()
+    export = subprocess.run([str(venv / "bin" / "vicreg-export"), f"--backbone={workdir / 'backbone.keras'}",
+                             f"--base={tmp_path / 'models'}", "--name=tiny"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (tmp_path / "models" / "tiny" / "1" / "saved_model.pb").exists()
