@@ -164,6 +164,57 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert epochs_logged[-(4 - stopped_at):] == list(range(stopped_at, 4)), epochs_logged
 
 
+def test_sigterm_backs_up_at_the_next_step_and_the_rerun_ends_with_the_same_weights(tmp_path):
+    from vicreg_tf import training
+
+    args = ["--config.training.steps_per_epoch=20", "--config.training.epochs=2"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    subprocess.run(_train_cmd(straight, *args), env=_env(), cwd=REPO, check=True, timeout=300, capture_output=True)
+
+    # The hook sends this process SIGTERM after global step 13 (epoch 0, 13 of 20 steps done).
+    env = dict(_env(), **{training.SIGTERM_AT_STEP_ENV: "13"})
+    first = subprocess.run(_train_cmd(stopped, *args), env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
+    assert first.returncode == 143, first.stderr[-3000:]
+    assert "preempted: stopped by SIGTERM after epoch 0 + 13 steps" in first.stderr
+    assert json.loads((stopped / "backup" / "backup.json").read_text())["step"] == 13
+    assert not (stopped / "vicreg.keras").exists()
+
+    resumed = subprocess.run(_train_cmd(stopped, *args), env=_env(), cwd=REPO, timeout=300,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming after epoch 0, step 13 of the next" in resumed.stdout
+    model = keras.saving.load_model(stopped / "vicreg.keras", compile=True)
+    assert int(model.optimizer.iterations.numpy()) == 40  # 7 more steps of epoch 0, then 20
+    for a, b in zip(_weights(straight / "vicreg.keras"), model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    steps = [int(row.split(",")[0]) for row in (stopped / "steps.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 41)), steps  # no step done twice, none skipped
+
+
+def test_a_workdir_on_another_tensorflow_file_system_goes_through_gfile():
+    import tensorflow as tf
+
+    from trainers import pretrain
+
+    workdir = "ram://vicreg-test/run"
+    config = _config("tiny")
+    config.export.enabled = False
+    config.eval.knn_every = 0
+    summary = pretrain.train(config, workdir)
+    for name in ("experiment.json", "backup/backup.json", "pretrain_summary.json", "vicreg.keras",
+                 "backbone.keras", "log.csv", "steps.csv", "loss_terms.png", "spectrum.png"):
+        assert tf.io.gfile.exists(f"{workdir}/{name}"), name
+    assert not Path("ram:").exists()  # nothing went to a local path named after the URL
+    record = json.loads(tf.io.gfile.GFile(f"{workdir}/backup/backup.json").read())
+    assert record["epoch"] == 2 and tf.io.gfile.exists(f"{workdir}/backup/{record['weights']}")
+    # A rerun reads the backup back through gfile and redoes the outputs without training.
+    again = pretrain.train(config, workdir)
+    assert again["effective_rank"] == pytest.approx(summary["effective_rank"], rel=1e-4)
+    config.export.enabled = True
+    with pytest.raises(ValueError, match="not a local path"):
+        pretrain.train(config, workdir)
+
+
 # --------------------------------------------------------------------------- bad input and faults (issue 18)
 
 
@@ -211,6 +262,77 @@ def test_every_shipped_config_passes_validation():
         if config.data.source == "folder":
             config.data.path = "/data/photos"  # the one field its command line sets
         common.validate_config(config)
+
+
+# --------------------------------------------------------------------------- precision and XLA (issue 17)
+
+
+def test_jit_compile_takes_auto_on_off_and_names_the_field_otherwise():
+    config = _config("tiny")
+    for value in ("auto", "on", "off", "True", "false"):
+        config.training.jit_compile = value
+        common.validate_config(config)
+    config.training.jit_compile = "maybe"
+    with pytest.raises(ValueError, match="config.training.jit_compile must be 'auto'.*got 'maybe'"):
+        common.validate_config(config)
+
+
+def test_bfloat16_is_native_only_with_the_cpu_flags():
+    assert common.cpu_has_native_bfloat16("flags : fpu avx2 avx512f avx512_bf16 avx512_vnni")
+    assert common.cpu_has_native_bfloat16("flags : fpu avx2 amx_bf16 amx_tile")
+    assert not common.cpu_has_native_bfloat16("flags : fpu avx2 avx512f avx512_vnni")
+
+
+def test_auto_precision_and_xla_resolve_by_hardware(two_cpu_strategy, monkeypatch):
+    import tensorflow as tf
+
+    config = _config("fashion_mnist")
+    assert config.training.mixed_precision == "auto" and config.training.jit_compile == "auto"
+    one_cpu = tf.distribute.get_strategy()
+    for native, expected in ((True, "mixed_bfloat16" if common.BFLOAT16_ON_CPU else ""), (False, "")):
+        monkeypatch.setattr(common, "cpu_has_native_bfloat16", lambda native=native: native)
+        assert common.resolve_mixed_precision(config, one_cpu) == expected
+    assert common.resolve_jit_compile(config, one_cpu) is False  # CPU: XLA measured slower
+    assert common.resolve_jit_compile(config, two_cpu_strategy) is False  # several replicas
+    monkeypatch.setattr(common, "training_device_kind", lambda strategy: "GPU")
+    assert common.resolve_jit_compile(config, one_cpu) is True  # one GPU
+    assert common.resolve_jit_compile(config, two_cpu_strategy) is False
+    assert common.views_on_device(config, one_cpu) is False  # follows the resolved XLA
+    config.training.jit_compile = "off"
+    assert common.views_on_device(config, one_cpu) is True
+    config.training.mixed_precision = "mixed_float16"  # explicit values stay what they are
+    assert common.resolve_mixed_precision(config, one_cpu) == "mixed_float16"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_builds_and_steps_on_two_replicas(name, two_cpu_strategy):
+    """Each config's own precision, XLA and method; heavy backbones shrunk to a small CNN."""
+    import ml_collections
+    import tensorflow as tf
+
+    config = _config(name)
+    config.model.backbone = "small_cnn"
+    config.model.backbone_kwargs = ml_collections.ConfigDict({"widths": (4, 8)})
+    config.model.projector = "32-32"
+    config.data.image_size = min(config.data.image_size, 32)
+    config.training.batch_size = 8
+    precision = common.resolve_mixed_precision(config, two_cpu_strategy)
+    jit_compile = common.resolve_jit_compile(config, two_cpu_strategy)
+    assert jit_compile is False  # never XLA across replicas
+    keras.mixed_precision.set_global_policy(precision or "float32")
+    keras.utils.set_random_seed(0)
+    with two_cpu_strategy.scope():
+        model = common.make_model(config, total_steps=10)
+        model.compile(optimizer=common.make_optimizer(config, 10), jit_compile=jit_compile)
+    assert model.backbone.layers[1].compute_dtype == keras.mixed_precision.global_policy().compute_dtype
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
+    size, channels = config.data.image_size, config.data.channels
+    images = np.random.default_rng(0).uniform(size=(2, 8, size, size, channels)).astype(np.float32)
+    history = model.fit(tf.data.Dataset.from_tensors((images[0], images[1])), epochs=1, verbose=0).history
+    assert np.isfinite(history["loss"][0]), (name, history)
+    # Applied (not skipped by the non-finite guard or the float16 loss scale); the warmup's
+    # learning rate is 0 at step 0, so the weights themselves may not move yet.
+    assert int(model.optimizer.iterations.numpy()) == 1, name
 
 
 @pytest.mark.parametrize("override, message", [
@@ -338,3 +460,27 @@ def test_a_diverging_run_ends_in_one_error_line_and_saves_nothing(tmp_path):
     assert "no epoch finished, so there is no backup" in lines[0]
     assert len(lines) == 2 and lines[1].startswith("hint: "), result.stderr[-3000:]
     assert not (workdir / "vicreg.keras").exists() and not (workdir / "export").exists()
+
+
+def test_vicreg_eval_on_a_folder_scores_held_out_files_and_says_which(tmp_path):
+    from PIL import Image
+
+    from trainers import linear_eval
+
+    rng = np.random.default_rng(0)
+    for k in range(60):
+        folder = tmp_path / "photos" / f"class{k % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{k:03d}.png")
+    config = _config("image_folder")
+    config.data.path = str(tmp_path / "photos")
+    config.data.image_size = 16
+    config.data.eval_fraction = 0.25
+    config.model.backbone = "small_cnn"
+    config.model.backbone_kwargs = {"widths": (4, 8)}
+    config.eval.knn_k = (5,)
+    config.eval.linear_epochs = 2
+    record = linear_eval.evaluate(config, None, str(tmp_path / "out"), random_init=True)
+    assert record["train_data"]["split"] == "train" and record["test_data"]["split"] == "eval"
+    assert record["train_images"] + record["test_images"] == 60
+    assert 5 <= record["test_images"] <= 25  # a quarter held out, by a hash of each name

@@ -43,19 +43,26 @@ def evaluate(config, backbone_path: str | None, workdir: str | None = None, rand
     common.check_data_exists(config)
     out_dir = Path(workdir or Path(backbone_path).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_images, _ = common.load_images(config, config.data.train_split)
-    test_images, _ = common.load_images(config, config.data.eval_split)
-    if not common.has_labels(train_images):
+    # Folders: the features are fit on the training files and scored on the held-out ones
+    # (data.eval_split / data.eval_path), never on the images trained on; the record says which.
+    train_source = common.load_source(config, config.data.train_split)
+    test_source = common.load_source(config, config.data.eval_split)
+    if not train_source.labelled:
         raise ValueError(f"{config.data.source} data has no labels: vicreg-eval needs a labelled split")
+    train_images = train_source.images(config.data.image_size)
+    test_images = test_source.images(config.data.image_size)
+    batch = common.eval_batch_size(config)
 
     start = time.time()
-    train_x, train_y = evaluation.extract_features(backbone, common.labelled_batches(train_images, 512))
-    test_x, test_y = evaluation.extract_features(backbone, common.labelled_batches(test_images, 512))
+    train_x, train_y = evaluation.extract_features(backbone, common.labelled_batches(train_images, batch))
+    test_x, test_y = evaluation.extract_features(backbone, common.labelled_batches(test_images, batch))
     record = {
         "backbone": "random_init" if random_init else str(backbone_path),
         "experiment": config.experiment,
         "train_images": int(len(train_y)),
         "test_images": int(len(test_y)),
+        "train_data": train_source.describe(),
+        "test_data": test_source.describe(),
         "feature_dim": int(train_x.shape[1]),
     }
     for k in config.eval.knn_k:
@@ -72,7 +79,7 @@ def evaluate(config, backbone_path: str | None, workdir: str | None = None, rand
         num_classes = int(np.max(train_y)) + 1
         record["fine_tune_top1"] = evaluation.fine_tune(
             backbone, common.labelled_batches(train_images.shuffle(10000, seed=config.seed), 256),
-            common.labelled_batches(test_images, 512), num_classes=num_classes,
+            common.labelled_batches(test_images, batch), num_classes=num_classes,
             epochs=config.eval.fine_tune_epochs,
         )["top1"]
     record["seconds"] = round(time.time() - start, 1)
