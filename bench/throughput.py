@@ -74,7 +74,13 @@ def machine() -> dict:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "date": DATE, "python": platform.python_version()}
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    bf16 = sorted({"avx512_bf16", "amx_bf16"} & flags)
+    return {"cpu": model, "cores": os.cpu_count(), "date": DATE, "python": platform.python_version(),
+            "device": f"CPU: {model}" + (f" ({', '.join(bf16)})" if bf16 else " (no native bfloat16)")}
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:
@@ -369,19 +375,20 @@ def markdown(payload: dict) -> str:
     warm = payload["warmup"]
     out[0] = out[0].replace("{warmup}", "/".join(str(s) for s in warm.values()) if isinstance(warm, dict) else str(warm))
     rows = []
+    device = payload["machine"].get("device", payload["machine"]["cpu"])
     for network, variants in payload["results"].items():
         peers = {k: v["images_per_s_median"] for k, v in variants.items() if k.startswith("torch") and "images_per_s_median" in v}
         for variant, r in variants.items():
             if "images_per_s_median" not in r:
-                rows.append([network, LABELS[variant], r.get("error", "n/a"), "", "", "", ""])
+                rows.append([network, device, LABELS[variant], r.get("error", "n/a"), "", "", "", ""])
                 continue
             reps = r["images_per_s_reps"]
             ratio = lambda peer: _ratio_text(r, variants.get(peer)) if peer in peers else "-"
             label = LABELS[variant] + (" (probe: 2 steps, once)" if r.get("probe") else "")
-            rows.append([network, label, f"{r['images_per_s_median']:.1f}",
+            rows.append([network, device, label, f"{r['images_per_s_median']:.1f}",
                          f"{min(reps):.1f}-{max(reps):.1f}", f"{r['step_ms_median']:.0f}",
                          ratio("torch_lightly"), ratio("torch_official")])
-    out.append(md_table(["network", "implementation", "images/s (median)", "range", "step ms", "vs torch+lightly", "vs torch+official"], rows))
+    out.append(md_table(["network", "device", "implementation", "images/s (median)", "range", "step ms", "vs torch+lightly", "vs torch+official"], rows))
     out.append("Ratios: of the medians, and (in brackets) the median of per-repetition ratios.\n")
     comps = payload.get("components", {})
     if comps:

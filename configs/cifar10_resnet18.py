@@ -31,8 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.warmup_epochs = 10
     config.training.batch_size = 256
     config.training.epochs = 1000
-    config.training.mixed_precision = "mixed_float16"
-    config.training.jit_compile = True
+    # "auto" (from fashion_mnist.py): mixed_bfloat16 on A100/H100-class GPUs, float32 on older ones
+    # (set mixed_float16 there; vicreg_tf's loss scaling skips a step that overflows on any GPU);
+    # XLA on for one GPU, off across several (Keras turns it off under tf.distribute anyway).
+    config.training.mixed_precision = "auto"
+    config.training.jit_compile = "auto"
     config.eval.knn_every = 10
     config.eval.linear_epochs = 100
     return config

@@ -25,6 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.eval_split = "eval"  # data.eval_fraction of the files, or data.eval_path
     config.training.epochs = 200
     config.training.mixed_precision = ""
-    config.training.jit_compile = False
+    config.training.jit_compile = "off"
     config.optimizer.warmup_epochs = 5
     return config

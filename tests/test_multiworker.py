@@ -157,3 +157,55 @@ def test_killed_worker_stops_the_job_and_a_restart_resumes(tmp_path):
     assert f"Resuming after epoch {stopped_at}" in again.stdout
     assert json.loads(record.read_text())["epoch"] == 4
     assert (workdir / "vicreg.keras").exists()
+
+
+# --------------------------------------------------------------------------- Slurm (issue 17)
+
+_SLURM = {
+    "SLURM_JOB_ID": "4242", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+}
+
+
+def _fake_slurm(monkeypatch, **overrides):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    for name, value in {**_SLURM, **overrides}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_slurm_step_resolves_to_a_worker_cluster_without_tf_config(monkeypatch, tmp_path):
+    import tensorflow as tf
+
+    from trainers import common
+
+    _fake_slurm(monkeypatch)
+    assert cluster.in_slurm_job()
+    resolver = cluster.slurm_cluster_resolver()
+    assert resolver.cluster_spec().as_dict() == {"worker": ["gpu01:8888", "gpu02:8888"]}
+    assert (resolver.task_type, resolver.task_id) == ("worker", 1)
+    role = cluster.worker_role(resolver, str(tmp_path / "run"))
+    assert not role.is_chief and not (tmp_path / "run").exists()  # task 1 writes to its scratch directory
+
+    picked = []
+    monkeypatch.setattr(cluster, "multi_worker_strategy", lambda resolver=None: picked.append(resolver) or "mwms")
+    assert common.make_strategy() == "mwms"
+    assert isinstance(picked[0], tf.distribute.cluster_resolver.SlurmClusterResolver)
+    assert picked[0].num_accelerators() == {}  # no GPU here: CPU replicas
+
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert cluster.worker_role(cluster.slurm_cluster_resolver(), str(tmp_path / "run")).is_chief
+
+
+def test_two_slurm_tasks_on_one_node_get_their_own_ports(monkeypatch):
+    _fake_slurm(monkeypatch, SLURM_STEP_NODELIST="gpu07", SLURM_STEP_TASKS_PER_NODE="2", SLURM_PROCID="0")
+    monkeypatch.setenv(cluster.SLURM_PORT_ENV, "23456")
+    assert cluster.slurm_cluster_resolver().cluster_spec().as_dict() == {"worker": ["gpu07:23456", "gpu07:23457"]}
+
+
+@pytest.mark.parametrize("change", [{"SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "1"}, {"TF_CONFIG": "{}"},
+                                    {"SLURM_JOB_ID": ""}])
+def test_one_slurm_task_or_a_tf_config_is_not_a_slurm_cluster(monkeypatch, change):
+    _fake_slurm(monkeypatch)
+    for name, value in change.items():
+        monkeypatch.setenv(name, value)
+    assert not cluster.in_slurm_job()

@@ -10,6 +10,11 @@ writes checkpoints, logs and the export into --workdir; the other workers write
 theirs into a scratch directory that is removed when they finish, as
 TensorFlow's multi-worker guide prescribes. All workers read the chief's
 backup when they restart, so --workdir must be on a file system they share.
+
+Under Slurm (`srun` with several tasks, SLURM_* set and no TF_CONFIG) the cluster
+comes from `tf.distribute.cluster_resolver.SlurmClusterResolver` instead: task
+SLURM_PROCID is worker PROCID, on port $VICREG_SLURM_PORT (default 8888, plus
+the task's index on its node). GPUs are Slurm's to bind (`--gpus-per-task`).
 """
 from __future__ import annotations
 
@@ -17,15 +22,49 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
-from trainers.common import WorkerRole
+from trainers.common import WorkerRole, tf_makedirs
 
 # How long to wait for every peer's server before giving up with a clear error.
 PEER_TIMEOUT_ENV = "VICREG_PEER_TIMEOUT"
 DEFAULT_PEER_TIMEOUT = 120.0
 # Set to keep non-chief scratch directories (in $TMPDIR) after the run, for debugging.
 KEEP_SCRATCH_ENV = "VICREG_KEEP_SCRATCH"
+SLURM_PORT_ENV = "VICREG_SLURM_PORT"
+DEFAULT_SLURM_PORT = 8888
+
+
+def in_slurm_job(environ=None) -> bool:
+    """Whether this process is one of several tasks of a Slurm job step (and TF_CONFIG does not say otherwise)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("TF_CONFIG") or not environ.get("SLURM_JOB_ID") or "SLURM_PROCID" not in environ:
+        return False
+    tasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or "1"
+    return int(tasks) > 1
+
+
+def slurm_cluster_resolver():
+    """TensorFlow's SlurmClusterResolver for this task, leaving the GPUs as Slurm bound them.
+
+    The resolver would set CUDA_VISIBLE_DEVICES itself, but TensorFlow has already
+    listed the GPUs by then (vicreg-train does at start-up), so Slurm's binding
+    (`--gpus-per-task`, `--gpu-bind`) decides; this task's visible GPUs are its replicas.
+    """
+    import tensorflow as tf
+    from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import expand_tasks_per_node
+
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    per_node = max(expand_tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1")))
+
+    class SlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
+        # The strategy's replicas: this task's visible GPUs (none on CPU nodes), not the
+        # resolver's own GPU arithmetic, which is unused here (auto_set_gpu=False) and
+        # cannot describe CPU-only tasks.
+        def num_accelerators(self, task_type=None, task_id=None, config_proto=None):
+            return {"GPU": gpus} if gpus else {}
+
+    return SlurmResolver(port_base=int(os.environ.get(SLURM_PORT_ENV, DEFAULT_SLURM_PORT)),
+                         gpus_per_node=per_node, gpus_per_task=1, auto_set_gpu=False)
 
 
 def parse_tf_config(raw: str | None = None) -> dict:
@@ -87,39 +126,50 @@ os.kill(parent, signal.SIGKILL)  # SIGTERM is not enough: the wait ignores it
 """
 
 
-def multi_worker_strategy():
-    """MultiWorkerMirroredStrategy for this TF_CONFIG, after checking it; bounded by the peer timeout.
+def multi_worker_strategy(resolver=None):
+    """MultiWorkerMirroredStrategy for this TF_CONFIG (checked first) or `resolver`; bounded start-up.
 
     The constructor starts this worker's server and blocks until every peer has
     joined. A watchdog process ends this worker with a message naming the peers
     that did not answer if that takes longer than $VICREG_PEER_TIMEOUT seconds.
+    No timeout is set on the collectives themselves (TensorFlow documents
+    `CommunicationOptions.timeout_seconds` as a debugging aid: a timer per
+    collective): a peer that dies mid-run is detected by the coordination
+    service's heartbeats, which fail the collectives on the other workers.
     """
     import subprocess
     import sys
 
     import tensorflow as tf
 
-    config = parse_tf_config()
+    if resolver is None:
+        config = parse_tf_config()
+        cluster, task_type, task_id = config["cluster"], config["task"]["type"], config["task"]["index"]
+    else:
+        cluster, task_type, task_id = resolver.cluster_spec().as_dict(), resolver.task_type, resolver.task_id
     timeout = float(os.environ.get(PEER_TIMEOUT_ENV, DEFAULT_PEER_TIMEOUT))
-    me = config["cluster"][config["task"]["type"]][config["task"]["index"]]
-    peers = [a for job in ("chief", "worker") for a in config["cluster"].get(job, []) if a != me]
+    me = cluster[task_type][task_id]
+    peers = [a for job in ("chief", "worker") for a in cluster.get(job, []) if a != me]
     watchdog = subprocess.Popen(
         [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), PEER_TIMEOUT_ENV, *peers]
     )
     try:
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     finally:
         watchdog.kill()
         watchdog.wait()
 
 
-def worker_role(resolver, workdir: Path) -> WorkerRole:
-    config = parse_tf_config()
+def worker_role(resolver, workdir) -> WorkerRole:
+    if os.environ.get("TF_CONFIG"):
+        config = parse_tf_config()
+    else:  # Slurm: the resolver knows the task
+        config = {"cluster": resolver.cluster_spec().as_dict(),
+                  "task": {"type": resolver.task_type, "index": resolver.task_id}}
     if is_chief_task(config):
-        workdir.mkdir(parents=True, exist_ok=True)
+        tf_makedirs(workdir)
         return WorkerRole(True, workdir)
-    scratch = Path(tempfile.mkdtemp(prefix=f"vicreg-worker{config['task']['index']}-"))
+    scratch = tempfile.mkdtemp(prefix=f"vicreg-worker{config['task']['index']}-")
     if not os.environ.get(KEEP_SCRATCH_ENV):
         import atexit
 

@@ -76,9 +76,29 @@ def experiment_fingerprint(config) -> dict:
     return fingerprint
 
 
-def holds_checkpoints(workdir: Path) -> bool:
+def _exists(path) -> bool:
+    """`os.path.exists` for any TensorFlow file system (workdirs may be gs://...); no TensorFlow for local paths."""
+    path = os.fspath(path)
+    if "://" not in path:
+        return os.path.exists(path)
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(path)
+
+
+def tf_makedirs(path) -> None:
+    path = os.fspath(path)
+    if "://" not in path:
+        os.makedirs(path, exist_ok=True)
+        return
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(path)
+
+
+def holds_checkpoints(workdir) -> bool:
     """Whether `workdir` holds a backup or a trained model (an experiment.json alone does not count)."""
-    return (workdir / "backup" / "backup.json").exists() or (workdir / "vicreg.keras").exists()
+    return _exists(os.path.join(workdir, "backup", "backup.json")) or _exists(os.path.join(workdir, "vicreg.keras"))
 
 
 def check_workdir(workdir: Path, config, *, write: bool = True) -> None:
@@ -88,10 +108,10 @@ def check_workdir(workdir: Path, config, *, write: bool = True) -> None:
     replaced. Fields the record predates (written by an older version) are not
     compared: a warning says so.
     """
-    record = workdir / "experiment.json"
+    record = os.path.join(workdir, "experiment.json")
     mine = experiment_fingerprint(config)
-    if record.exists() and holds_checkpoints(workdir):
-        theirs = json.loads(record.read_text())
+    if _exists(record) and holds_checkpoints(workdir):
+        theirs = json.loads(_read_text(record))
         diff = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
         if diff:
             details = "; ".join(f"{k}: workdir has {theirs[k]!r}, config has {mine[k]!r}" for k in diff)
@@ -105,10 +125,29 @@ def check_workdir(workdir: Path, config, *, write: bool = True) -> None:
                   f"checking them (this run reads {mine.get('data_dir', '?')})", file=sys.stderr, flush=True)
         return
     if write:
-        workdir.mkdir(parents=True, exist_ok=True)
-        tmp = workdir / ".experiment.json.tmp"
-        tmp.write_text(json.dumps(mine, indent=2, sort_keys=True))
-        os.replace(tmp, record)
+        tf_makedirs(workdir)
+        _write_text_atomically(record, json.dumps(mine, indent=2, sort_keys=True))
+
+
+def _read_text(path) -> str:
+    if "://" not in os.fspath(path):
+        return Path(path).read_text()
+    from vicreg_tf import training
+
+    return training.read_text(path)
+
+
+def _write_text_atomically(path, text: str) -> None:
+    """A temporary file, then one rename (the commit point; a copy + delete on object stores)."""
+    path = os.fspath(path)
+    if "://" not in path:
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+        Path(tmp).write_text(text)
+        os.replace(tmp, path)
+        return
+    from vicreg_tf import training
+
+    training.write_text_atomically(path, text)
 
 
 OPTIMIZERS = ("lars", "adamw")
@@ -211,8 +250,8 @@ def check_backup_loads(model, workdir: Path) -> None:
     """A backup with no experiment.json next to it must load into `model`, or the workdir is refused."""
     from vicreg_tf import training
 
-    backup_dir = workdir / "backup"
-    if (workdir / "experiment.json").exists() or not (backup_dir / "backup.json").exists():
+    backup_dir = os.path.join(workdir, "backup")
+    if _exists(os.path.join(workdir, "experiment.json")) or not _exists(os.path.join(backup_dir, "backup.json")):
         return
     try:
         # Keras loads some mismatches with a warning only ("Skipping variable loading ...").
@@ -278,8 +317,8 @@ def diverged_message(error: BaseException, workdir: Path, config) -> str | None:
             return None
     elif not isinstance(error, FloatingPointError):
         return None
-    epoch = training.read_backup_epoch(workdir / "backup")
-    last = (f"the last good backup is epoch {epoch} in {workdir / 'backup'}" if epoch
+    epoch = training.read_backup_epoch(os.path.join(workdir, "backup"))
+    last = (f"the last good backup is epoch {epoch} in {os.path.join(workdir, 'backup')}" if epoch
             else "no epoch finished, so there is no backup")
     return (
         f"training diverged in epoch {epoch + 1}: a step's loss or gradients were not finite (NaN or Inf); "
@@ -312,13 +351,15 @@ def make_deterministic() -> None:
 
 
 def make_strategy():
-    """MultiWorkerMirrored under TF_CONFIG, Mirrored over all GPUs, else the default strategy."""
+    """MultiWorkerMirrored under TF_CONFIG or a multi-task Slurm step, Mirrored over all GPUs, else the default."""
     import tensorflow as tf
 
-    if os.environ.get("TF_CONFIG"):
-        from trainers import cluster
+    from trainers import cluster
 
+    if os.environ.get("TF_CONFIG"):
         return cluster.multi_worker_strategy()
+    if cluster.in_slurm_job():  # srun with several tasks and no TF_CONFIG
+        return cluster.multi_worker_strategy(cluster.slurm_cluster_resolver())
     gpus = tf.config.list_logical_devices("GPU")
     if gpus:
         return tf.distribute.MirroredStrategy([d.name for d in gpus])
@@ -374,7 +415,7 @@ def load_images(config, split: str):
     return source.images(config.data.image_size), source.count
 
 
-# mixed_bfloat16 for "auto" on CPUs with native bfloat16 (AVX512_BF16 / AMX)? Off: faster (1.93x
+# mixed_bfloat16 for "auto" on CPUs with native bfloat16 (AVX512_BF16 / AMX)? Off: faster (1.4-1.9x
 # the small-CNN step, 1.24x wall end to end on shared cores) but the Fashion-MNIST recipe lost 0.51
 # points linear against float32 with the same seed (configs/fashion_mnist.py, PRECISION).
 BFLOAT16_ON_CPU = False
@@ -516,12 +557,10 @@ def has_labels(dataset) -> bool:
     return False
 
 
-def write_json_line(path: Path, record: dict) -> None:
+def write_json_line(path, record: dict) -> None:
     line = json.dumps(record, sort_keys=True)
     print(line, flush=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(line + "\n")
-    os.replace(tmp, path)
+    _write_text_atomically(path, line + "\n")
 
 
 HELP_ARGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
@@ -641,12 +680,13 @@ class WorkerRole:
         self.workdir = workdir
 
 
-def worker_role(strategy, workdir: Path) -> WorkerRole:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not os.environ.get("TF_CONFIG"):
-        workdir.mkdir(parents=True, exist_ok=True)
-        return WorkerRole(True, workdir)
+def worker_role(strategy, workdir) -> WorkerRole:
     from trainers import cluster
+
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not (os.environ.get("TF_CONFIG") or cluster.in_slurm_job()):
+        tf_makedirs(workdir)
+        return WorkerRole(True, workdir)
 
     return cluster.worker_role(resolver, workdir)
 

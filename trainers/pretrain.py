@@ -5,7 +5,9 @@
 
 Reads top to bottom: config -> strategy -> data -> model -> callbacks -> fit ->
 save -> diagnostics -> export. Rerunning the same command after a crash or a
-kill resumes from the last epoch backup in WORKDIR/backup.
+kill resumes from the last epoch backup in WORKDIR/backup; after a SIGTERM
+(preemption) from the step it stopped at. WORKDIR may be any TensorFlow file
+system path (gs://bucket/run); the TF Serving export then needs a local one.
 
 WORKDIR afterwards holds: vicreg.keras (the whole model), backbone.keras (for
 transfer learning, loads with no custom objects), export/NAME/<version>/ (TF
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
+import tempfile
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,10 +27,13 @@ from trainers import common
 
 
 
-def save_keras_atomically(model, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    model.save(tmp)
-    os.replace(tmp, path)
+PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM, what schedulers expect of a process they terminated
+
+
+def save_keras_atomically(model, path) -> None:
+    from vicreg_tf import training
+
+    training.save_keras_file(model, path)
 
 
 def train(config, workdir: str | os.PathLike) -> dict:
@@ -39,13 +44,16 @@ def train(config, workdir: str | os.PathLike) -> dict:
     import vicreg_tf
     from vicreg_tf import evaluation, serving, training
 
-    workdir = Path(workdir)
+    workdir = os.fspath(workdir)  # a local path or any tf.io.gfile one (gs://...)
     # Everything that can be wrong with the setup fails here, before the workdir is
     # claimed (experiment.json written) and before any training.
     common.validate_config(config)
     common.check_backbone_name(config)
     common.check_data_exists(config)
     common.check_workdir(workdir, config, write=False)  # another experiment's checkpoints
+    if training.is_remote(workdir) and config.export.enabled:
+        raise ValueError(f"--workdir={workdir} is not a local path; the TF Serving export writes to a local "
+                         "(or mounted) one: add --config.export.enabled=False and export backbone.keras later")
     if config.training.deterministic:
         common.make_deterministic()  # before the first TensorFlow op
     strategy = common.make_strategy()
@@ -61,29 +69,34 @@ def train(config, workdir: str | os.PathLike) -> dict:
     steps = config.training.steps_per_epoch or count // batch_size
 
     keras.utils.set_random_seed(config.seed)
-    if config.training.mixed_precision:
-        keras.mixed_precision.set_global_policy(config.training.mixed_precision)
+    precision = common.resolve_mixed_precision(config, strategy)  # "auto": bfloat16 where it is native
+    if precision:
+        keras.mixed_precision.set_global_policy(precision)
+    jit_compile = common.resolve_jit_compile(config, strategy)  # "auto": XLA on one GPU only
+    print(f"precision: {precision or 'float32'}, XLA: {'on' if jit_compile else 'off'}, "
+          f"{strategy.num_replicas_in_sync} replica(s) on {common.training_device_kind(strategy)}", flush=True)
 
-    backup_dir = workdir / "backup"
-    start_epoch = training.read_backup_epoch(backup_dir)
+    backup_dir = os.path.join(workdir, "backup")
+    # Epochs done, and steps done of the next one (a run stopped by SIGTERM backs up mid-epoch).
+    start_epoch, start_step = training.read_backup_position(backup_dir)
     epochs = config.training.epochs
     views = common.make_views(config, seed=config.seed)
     on_device = common.views_on_device(config, strategy)
-    dataset = None
-    if start_epoch < epochs:
+
+    def make_dataset(first_epoch, first_step=0):
         # Streams: each worker reads, decodes and crops only its rows of each global batch.
-        dataset = training.distribute_view_pairs(strategy, lambda row_start, row_count: training.view_pair_batches(
-            source, views, batch_size, steps_per_epoch=steps, start_epoch=start_epoch, epochs=epochs,
-            seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, row_start=row_start,
+        return training.distribute_view_pairs(strategy, lambda row_start, row_count: training.view_pair_batches(
+            source, views, batch_size, steps_per_epoch=steps, start_epoch=first_epoch, start_step=first_step,
+            epochs=epochs, seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, row_start=row_start,
             row_count=row_count, device_views=on_device,
         ), batch_size)
 
     with strategy.scope():
         model = common.make_model(config, total_steps=steps * config.training.epochs)  # config.model.method
-        model.compile(optimizer=common.make_optimizer(config, steps), jit_compile=config.training.jit_compile)
+        model.compile(optimizer=common.make_optimizer(config, steps), jit_compile=jit_compile)
     if on_device:  # the views' second stage (flip, color, blur, solarize) inside the train step
-        if config.training.jit_compile:
-            raise ValueError("config.views.on_device needs config.training.jit_compile=False "
+        if jit_compile:
+            raise ValueError("config.views.on_device needs config.training.jit_compile=off "
                              "(the view ops have data-dependent shapes)")
         with strategy.scope():
             model.device_views = common.make_views(config, seed=config.seed)
@@ -93,6 +106,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     common.check_backup_loads(model, workdir)
     common.check_workdir(workdir, config, write=role.is_chief)
 
+    join = os.path.join
     eval_batch = common.eval_batch_size(config)
     eval_batches = None
     callbacks = [training.UnreadableImagesReport()]
@@ -106,56 +120,73 @@ def train(config, workdir: str | os.PathLike) -> dict:
             callbacks.insert(0, evaluation.KNNMonitor(
                 train_batches, eval_batches, every=config.eval.knn_every, k=config.eval.knn_k[0]
             ))
+    # Backs up every epoch, and at the step boundary after a SIGTERM (then raises training.Preempted).
+    backup = training.AtomicBackupAndRestore(backup_dir, write=role.is_chief, first_step=start_step)
     callbacks += [
         vicreg_tf.StopOnNonFiniteLoss(),
-        training.AtomicBackupAndRestore(backup_dir, write=role.is_chief),
         # Columns fixed up front: the kNN accuracy is only logged on the epochs it is measured.
-        evaluation.CSVLogger(str(role.workdir / "log.csv"), append=True, columns=[
+        evaluation.CSVLogger(join(role.workdir, "log.csv"), append=True, columns=[
             "val_knn_top1"] if any(isinstance(c, evaluation.KNNMonitor) for c in callbacks) else []),
-        evaluation.StepLogger(role.workdir / evaluation.StepLogger.FILENAME, every=max(1, steps // 50),
+        evaluation.StepLogger(join(role.workdir, evaluation.StepLogger.FILENAME), every=max(1, steps // 50),
                               write=role.is_chief),
-        keras.callbacks.TensorBoard(str(role.workdir / "tensorboard")),
+        keras.callbacks.TensorBoard(join(role.workdir, "tensorboard")),
+        backup,  # last: the step it stops at after a SIGTERM has been logged by the others
     ]
-    if dataset is not None:
-        model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, shuffle=False,
-                  verbose=common.resolve_verbose(config.training.get("verbose", "auto")))
+    fit = dict(callbacks=callbacks, shuffle=False, verbose=common.resolve_verbose(config.training.get("verbose", "auto")))
+    if start_epoch < epochs and start_step:
+        # Stopped mid-epoch: finish that epoch from its next step (the learning rate follows
+        # optimizer.iterations, restored with the backup), then the remaining epochs.
+        model.fit(make_dataset(start_epoch, start_step), initial_epoch=start_epoch, epochs=start_epoch + 1,
+                  steps_per_epoch=steps - start_step, **fit)
+        start_epoch, backup.first_step, backup.restore_on_begin = start_epoch + 1, 0, False
+        model._initial_epoch = None  # set by the backup's restore; the next fit starts at start_epoch
+    if start_epoch < epochs:
+        model.fit(make_dataset(start_epoch), initial_epoch=start_epoch, epochs=epochs, steps_per_epoch=steps, **fit)
     else:  # trained to the end before: take the final backup and redo the outputs
         training.load_backup(model, backup_dir)
 
     summary = {"experiment": config.experiment, "epochs": epochs, "steps_per_epoch": steps}
     # Every worker saves (the multi-worker guide's rule: saving may run collectives);
     # the chief into WORKDIR, the others into their scratch directories.
-    save_keras_atomically(model, role.workdir / "vicreg.keras")
-    save_keras_atomically(model.backbone, role.workdir / "backbone.keras")
+    save_keras_atomically(model, join(role.workdir, "vicreg.keras"))
+    save_keras_atomically(model.backbone, join(role.workdir, "backbone.keras"))
     if not role.is_chief:
         return summary
-    summary["backbone"] = str(workdir / "backbone.keras")
+    summary["backbone"] = join(workdir, "backbone.keras")
 
-    # Collapse diagnostics on the expander's output for held-out images.
-    log_csv = workdir / "log.csv"
-    if log_csv.exists():
-        evaluation.plot_loss_terms(log_csv, workdir / "loss_terms.png")
+    # Collapse diagnostics on the expander's output for held-out images (plotted locally,
+    # then copied, for a workdir on another file system).
+    plots = tempfile.mkdtemp(prefix="vicreg-plots-") if training.is_remote(workdir) else workdir
+    for name in ("log.csv", evaluation.StepLogger.FILENAME):
+        if plots != workdir and tf.io.gfile.exists(join(workdir, name)):
+            tf.io.gfile.copy(join(workdir, name), join(plots, name), overwrite=True)
+    if os.path.exists(join(plots, "log.csv")):
+        evaluation.plot_loss_terms(join(plots, "log.csv"), join(plots, "loss_terms.png"))
     probe = eval_batches or common.labelled_batches(source.images(config.data.image_size), eval_batch)
     embeddings = np.concatenate([
         model.projector(model.backbone(x, training=False), training=False).numpy()
         for x, _ in probe.take(max(1, 4096 // eval_batch))
     ])
     spectrum = evaluation.singular_values(embeddings)
-    evaluation.plot_spectrum(spectrum, workdir / "spectrum.png", title=f"{config.experiment} expander output")
+    evaluation.plot_spectrum(spectrum, join(plots, "spectrum.png"), title=f"{config.experiment} expander output")
+    if plots != workdir:
+        for name in ("loss_terms.png", "spectrum.png"):
+            if os.path.exists(join(plots, name)):
+                tf.io.gfile.copy(join(plots, name), join(workdir, name), overwrite=True)
     summary["effective_rank"] = float(evaluation.effective_rank(spectrum))
     summary["embedding_std"] = float(evaluation.embedding_std(embeddings))
     summary["embedding_dim"] = int(embeddings.shape[1])
 
     if config.export.enabled:
-        model_dir = workdir / "export" / config.export.name
+        model_dir = join(workdir, "export", config.export.name)
         # A rerun of a finished run must not hand TF Serving an identical new version to reload.
         version_dir = serving.latest_export_with_weights(model_dir, serving.weights_digest(model.backbone, None))
         if version_dir is not None:
             print(f"export: {version_dir} already holds these weights; no new version written", flush=True)
         else:
-            version_dir = serving.export_for_serving(model.backbone, workdir / "export", config.export.name)
+            version_dir = serving.export_for_serving(model.backbone, join(workdir, "export"), config.export.name)
         summary["export"] = str(version_dir)
-    common.write_json_line(workdir / "pretrain_summary.json", summary)
+    common.write_json_line(join(workdir, "pretrain_summary.json"), summary)
     return summary
 
 
@@ -164,12 +195,17 @@ def _main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None or _CONFIG.value is None:
         raise app.UsageError("--config and --workdir are required")
+    from vicreg_tf import training
+
     try:
         train(_CONFIG.value, _WORKDIR.value)
+    except training.Preempted as stop:
+        print(f"preempted: {stop}; rerun the same command to continue", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_STATUS)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(common.fail(str(error)))
     except Exception as error:  # a diverging run: one line, not TensorFlow's traceback
-        message = common.diverged_message(error, Path(_WORKDIR.value), _CONFIG.value)
+        message = common.diverged_message(error, _WORKDIR.value, _CONFIG.value)
         if message is None:
             raise
         sys.exit(common.fail(message))

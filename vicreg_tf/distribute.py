@@ -29,4 +29,8 @@ def gather_replicas(z: tf.Tensor) -> tf.Tensor:
         )
     if context.num_replicas_in_sync == 1:
         return z
-    return context.all_gather(z, axis=0)
+    gathered = context.all_gather(z, axis=0)
+    # MirroredStrategy's gather loses the static shape; the width is needed at trace time
+    # (e.g. the LogDet entropy's D), and it is the same as z's.
+    gathered.set_shape(tf.TensorShape([None]).concatenate(z.shape[1:]))
+    return gathered

@@ -371,6 +371,13 @@ class CSVLogger(keras.callbacks.CSVLogger):
             logs.setdefault(column, "")
         super().on_epoch_end(epoch, logs)
 
+    def on_train_end(self, logs=None):
+        # Keras 3.15 reads `.closed`, which tf.io.gfile's files (a gs:// or ram:// log) lack.
+        if self.csv_file is not None and not getattr(self.csv_file, "closed", False):
+            self.csv_file.close()
+        self.csv_file = None
+        self.writer = None
+
 
 class StepLogger(keras.callbacks.Callback):
     """Appends the loss terms every `every` training steps to a CSV file (`steps.csv`).
@@ -393,7 +400,7 @@ class StepLogger(keras.callbacks.Callback):
         super().__init__()
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.path = Path(path)
+        self.path = os.fspath(path)  # any tf.io.gfile path
         self.every = every
         self.write = write
         self._epoch = 0
@@ -408,9 +415,9 @@ class StepLogger(keras.callbacks.Callback):
         if step % self.every:
             return
         names = [n for n in _TERMS if n in logs]
-        new = not self.path.exists() or self.path.stat().st_size == 0
+        new = not tf.io.gfile.exists(self.path) or tf.io.gfile.stat(self.path).length == 0
         line = ",".join([str(step), str(self._epoch + 1)] + [repr(float(logs[n])) for n in names]) + "\n"
         if new:
             line = ",".join(["step", "epoch", *names]) + "\n" + line
-        with open(self.path, "a") as f:
+        with tf.io.gfile.GFile(self.path, "a") as f:
             f.write(line)

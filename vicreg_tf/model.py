@@ -61,20 +61,22 @@ def _fused_batchnorm_call(layer, inputs, training=None, mask=None):
     scale-and-shift, and as many again backward); TF's FusedBatchNormV3 does each
     direction in one pass. Taken in training mode for NHWC or 2-D inputs
     normalised over the last axis, on one replica (or with `synchronized=False`),
-    without mask or renorm; anything else goes to Keras' own code. Same
+    without mask or renorm; synchronized over several replicas it takes
+    `_packed_sync_batchnorm_call` (one all-reduce); anything else goes to Keras' own code. Same
     statistics as Keras: the batch variance used for the moving average is the
     biased one (TF's kernel returns the unbiased one; it is converted back).
     """
     rank = len(inputs.shape)
-    fused = (
+    eligible = (
         not isinstance(training, tf.Tensor) and bool(training) and layer.trainable
         and mask is None and not layer.renorm and rank in (2, 4)
         and layer.axis in (-1, rank - 1) and inputs.shape[-1] is not None
         and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16)
-        and (not layer.synchronized or tf.distribute.get_strategy().num_replicas_in_sync == 1)
     )
-    if not fused:
+    if not eligible:
         return type(layer).call(layer, inputs, training=training, mask=mask)
+    if layer.synchronized and tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        return _packed_sync_batchnorm_call(layer, inputs)
     channels = inputs.shape[-1]
     x = tf.cast(inputs, tf.float32)  # Keras also normalises half-precision inputs in float32
     if rank == 2:
@@ -93,6 +95,34 @@ def _fused_batchnorm_call(layer, inputs, training=None, mask=None):
     )
     if rank == 2:
         y = tf.reshape(y, tf.shape(inputs))
+    return tf.cast(y, layer.compute_dtype)
+
+
+def _packed_sync_batchnorm_call(layer, inputs):
+    """Synchronized BatchNorm in training with one all-reduce per call instead of Keras' three.
+
+    Keras all-reduces the sum, the sum of squares and the count separately (three
+    collectives forward, three more for their gradients); here they travel
+    concatenated in one tensor. Same arithmetic as Keras' `_compute_moments_sync`:
+    mean = sum / n, variance = max(E[x^2] - mean^2, 0), in float32.
+    """
+    channels = inputs.shape[-1]
+    x = tf.cast(inputs, tf.float32)
+    axes = list(range(len(x.shape) - 1))
+    count = tf.cast(tf.size(x) // channels, tf.float32)
+    packed = tf.concat([tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), count[None]], axis=0)
+    total = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, packed)
+    total_sum, total_squares, total_count = total[:channels], total[channels:2 * channels], total[2 * channels]
+    mean = tf.math.divide_no_nan(total_sum, total_count)
+    variance = tf.maximum(tf.math.divide_no_nan(total_squares, total_count) - tf.square(mean), 0.0)
+    momentum = layer.momentum
+    layer.moving_mean.assign(tf.cast(layer.moving_mean, tf.float32) * momentum + mean * (1.0 - momentum))
+    layer.moving_variance.assign(
+        tf.cast(layer.moving_variance, tf.float32) * momentum + variance * (1.0 - momentum)
+    )
+    scale = tf.cast(layer.gamma, tf.float32) if layer.scale else None
+    offset = tf.cast(layer.beta, tf.float32) if layer.center else None
+    y = tf.nn.batch_normalization(x, mean, variance, offset, scale, layer.epsilon)
     return tf.cast(y, layer.compute_dtype)
 
 
@@ -385,23 +415,24 @@ class VICReg(keras.Model):
                 loss = loss + tf.add_n([tf.cast(l, tf.float32) for l in self.losses])
             # Keras sums gradients over replicas; every replica holds the same global loss.
             scaled = loss / replicas
-            scaled = self.optimizer.scale_loss(scaled)
+            scaled = self.optimizer.scale_loss(scaled)  # x the dynamic loss scale under mixed_float16
         variables = self.trainable_variables
         gradients = tape.gradient(scaled, variables)
+        loss_scaling = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        if loss_scaling:
+            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
+            gradients = [None if g is None else g / tf.cast(scale, g.dtype) for g in gradients]
         # Checked on the gradients, not only the loss: a NaN input can give a finite
         # loss (oneDNN's fused BatchNorm turns NaN activations into zeros) and NaN
-        # gradients. Decided over all replicas, so every replica takes the same branch.
+        # gradients. Decided over all replicas, so every replica takes the same branch
+        # (also for float16 loss scaling: Keras' LossScaleOptimizer would decide from
+        # the first replica's gradients alone, and apply another replica's Inf).
         finite = _all_replicas_finite(loss, gradients)
-
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            # Overflowing float16 gradients are expected now and then: the loss-scale
-            # optimizer skips those steps and lowers its scale; only a non-finite
-            # loss is an error here.
-            self.optimizer.apply_gradients(zip(gradients, variables))
-            applied = tf.cond(finite, lambda: tf.constant(True), lambda: _restore(state, saved))
+        applied = self._apply_if_finite(finite, gradients, variables, state, saved)
+        if loss_scaling:
+            # Overflowing float16 gradients are expected now and then: the step is
+            # skipped everywhere and the scale halved; only a non-finite loss is an error.
             finite = tf.math.is_finite(loss)
-        else:
-            applied = self._apply_if_finite(finite, gradients, variables, state, saved)
         if not self.jit_compile:  # XLA has no in-graph assertions: StopOnNonFiniteLoss ends fit
             with tf.control_dependencies([applied]):
                 tf.debugging.Assert(finite, [NON_FINITE_STEP_MESSAGE, "loss:", loss])
@@ -410,15 +441,45 @@ class VICReg(keras.Model):
         return self._update_metrics(terms)
 
     def _apply_if_finite(self, finite, gradients, variables, state, saved) -> tf.Tensor:
-        """Applies the gradients when `finite` (the same on every replica), else restores `state`."""
+        """Applies the gradients when `finite` (the same on every replica), else restores `state`.
+
+        Under mixed_float16 (a `keras.optimizers.LossScaleOptimizer`, `gradients`
+        already unscaled) the inner optimizer applies them and the dynamic loss
+        scale follows the same decision: doubled after `dynamic_growth_steps` good
+        steps, halved on a skipped one (Keras' rule, on the all-replica flag).
+        """
         optimizer = self.optimizer
+        scaler = optimizer if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else None
+        inner = scaler.inner_optimizer if scaler is not None else optimizer
 
         def apply(grads):
-            optimizer.apply_gradients(zip(grads, variables))
+            inner.apply_gradients(zip(grads, variables))
             return tf.constant(True)
 
+        def grow_scale():
+            if scaler is not None:
+                tf.cond(
+                    tf.equal(scaler.step_counter, scaler.dynamic_growth_steps - 1),
+                    lambda: _assign_all((scaler.step_counter, 0), (scaler.dynamic_scale, scaler.dynamic_scale * 2.0)),
+                    lambda: _assign_all((scaler.step_counter, scaler.step_counter + 1)),
+                )
+            return tf.constant(True)
+
+        def shrink_scale():
+            if scaler is not None:
+                _assign_all((scaler.step_counter, 0), (scaler.dynamic_scale, scaler.dynamic_scale * 0.5))
+            return tf.constant(False)
+
         if not tf.distribute.has_strategy() or tf.__internal__.distribute.strategy_supports_no_merge_call():
-            return tf.cond(finite, lambda: apply(gradients), lambda: _restore(state, saved))
+            def apply_here():
+                with tf.control_dependencies([apply(gradients)]):
+                    return grow_scale()
+
+            def skip_here():
+                with tf.control_dependencies([_restore(state, saved)]):
+                    return shrink_scale()
+
+            return tf.cond(finite, apply_here, skip_here)
 
         # The optimizer's update is a `merge_call`, which cannot sit in a cond in a
         # replica context: take the cond in the cross-replica context (as Keras'
@@ -428,11 +489,11 @@ class VICReg(keras.Model):
 
             def apply_all():
                 call(apply, args=(gradients,))
-                return tf.constant(True)
+                return grow_scale()
 
             def restore_all():
                 call(lambda values: _restore(state, values), args=(saved,))
-                return tf.constant(False)
+                return shrink_scale()
 
             return tf.cond(distribution.experimental_local_results(finite)[0], apply_all, restore_all)
 
@@ -530,6 +591,12 @@ def _restore(state, saved) -> tf.Tensor:
     for variable, value in zip(state, saved):
         variable.assign(value)
     return tf.constant(False)
+
+
+def _assign_all(*pairs) -> tf.Tensor:
+    for variable, value in pairs:
+        variable.assign(tf.cast(value, variable.dtype))
+    return tf.constant(True)
 
 
 def _all_replicas_finite(loss: tf.Tensor, gradients) -> tf.Tensor:

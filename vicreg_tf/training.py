@@ -5,80 +5,211 @@ if it had never stopped. Two things make that exact:
 - the data of epoch e is a pure function of (seed, e): the shuffle order and
   the augmentation seeds are derived from the epoch index, not from how many
   epochs this process has already iterated;
-- the backup is written atomically at the end of each epoch: the weights go to
-  a new file, then a small JSON record naming it replaces the old record in one
-  `os.replace`, so a reader sees the previous complete backup or the new one,
-  never half of one.
+- the backup is written atomically at the end of each epoch (and at the step
+  boundary after a SIGTERM): the weights go to a new file, then a small JSON
+  record naming it replaces the old record in one rename, so a reader sees the
+  previous complete backup or the new one, never half of one.
+
+Paths go through `tf.io.gfile`, so a workdir may be on any TensorFlow file system
+(gs://, s3:// with tensorflow-io, ram:// in tests). The rename is atomic on local
+and POSIX file systems; on object stores (GCS) it is a copy then a delete, so the
+record may briefly be missing (a restart then sees no backup: it starts over)
+but is never half-written: objects appear whole.
 """
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import signal
+import tempfile
 from typing import Callable
 
 import keras
 import tensorflow as tf
 
 _RECORD = "backup.json"
+# Tests: send this process SIGTERM after this global step (a deterministic preemption).
+SIGTERM_AT_STEP_ENV = "VICREG_SIGTERM_AT_STEP"
 
 
-def read_backup_epoch(backup_dir: str | os.PathLike) -> int:
+def is_remote(path) -> bool:
+    """A path of a TensorFlow file system other than the local one (gs://, ram://, hdfs://, ...)."""
+    return "://" in os.fspath(path)
+
+
+def write_text_atomically(path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file in the same directory and one rename."""
+    path = os.fspath(path)
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".{name}.tmp")
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(tmp, path, overwrite=True)  # the commit point (copy + delete on GCS)
+
+
+def read_text(path) -> str:
+    with tf.io.gfile.GFile(os.fspath(path), "r") as f:
+        return f.read()
+
+
+def save_keras_file(obj, path, *, weights_only: bool = False) -> None:
+    """`model.save` / `save_weights` to any file system, atomically: a local file, then a copy and a rename."""
+    path = os.fspath(path)
+    directory, name = os.path.split(path)
+    tf.io.gfile.makedirs(directory)
+    with tempfile.TemporaryDirectory() as local:
+        staged = os.path.join(local, name)
+        (obj.save_weights if weights_only else obj.save)(staged)
+        tmp = os.path.join(directory, f".tmp-{name}")
+        tf.io.gfile.copy(staged, tmp, overwrite=True)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _load_weights(model: keras.Model, path: str) -> None:
+    if not is_remote(path):
+        model.load_weights(path)
+        return
+    with tempfile.TemporaryDirectory() as local:
+        staged = os.path.join(local, os.path.basename(path))
+        tf.io.gfile.copy(path, staged)
+        model.load_weights(staged)
+
+
+def read_backup_position(backup_dir) -> tuple[int, int]:
+    """(completed epochs, completed steps of the next epoch) recorded in `backup_dir`; (0, 0) when none."""
+    record = os.path.join(os.fspath(backup_dir), _RECORD)
+    if not tf.io.gfile.exists(record):
+        return 0, 0
+    meta = json.loads(read_text(record))
+    return int(meta["epoch"]), int(meta.get("step", 0))
+
+
+def read_backup_epoch(backup_dir) -> int:
     """The number of completed epochs recorded in `backup_dir` (0 when there is none)."""
-    record = Path(backup_dir) / _RECORD
-    if not record.exists():
-        return 0
-    return int(json.loads(record.read_text())["epoch"])
+    return read_backup_position(backup_dir)[0]
 
 
-def load_backup(model: keras.Model, backup_dir: str | os.PathLike) -> int:
+def load_backup(model: keras.Model, backup_dir) -> int:
     """Loads the last complete backup into `model`; returns its epoch (0: no backup)."""
-    record = Path(backup_dir) / _RECORD
-    if not record.exists():
+    backup_dir = os.fspath(backup_dir)
+    record = os.path.join(backup_dir, _RECORD)
+    if not tf.io.gfile.exists(record):
         return 0
-    meta = json.loads(record.read_text())
+    meta = json.loads(read_text(record))
     if model.optimizer is not None and not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
-    model.load_weights(Path(backup_dir) / meta["weights"])
+    _load_weights(model, os.path.join(backup_dir, meta["weights"]))
     return int(meta["epoch"])
+
+
+def save_backup(model: keras.Model, backup_dir, epoch: int, step: int = 0) -> None:
+    """Weights and optimizer state after `epoch` epochs and `step` more steps, committed by the record."""
+    backup_dir = os.fspath(backup_dir)
+    name = f"epoch-{epoch:06d}-step-{step:07d}.weights.h5" if step else f"epoch-{epoch:06d}.weights.h5"
+    save_keras_file(model, os.path.join(backup_dir, name), weights_only=True)
+    record = {"epoch": epoch, "weights": name}
+    if step:
+        record["step"] = step
+    write_text_atomically(os.path.join(backup_dir, _RECORD), json.dumps(record))  # the commit point
+    for old in tf.io.gfile.glob(os.path.join(backup_dir, "epoch-*.weights.h5")):
+        if os.path.basename(old) != name:
+            tf.io.gfile.remove(old)
+
+
+class Preempted(Exception):
+    """Raised out of `fit` after a SIGTERM, once the backup at the step boundary is written."""
+
+    def __init__(self, epoch: int, step: int, backup_dir: str):
+        super().__init__(f"stopped by SIGTERM after epoch {epoch} + {step} steps; "
+                         f"the backup in {backup_dir} resumes there")
+        self.epoch, self.step, self.backup_dir = epoch, step, backup_dir
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` that never leaves a half-written backup.
 
-    Backs up at the end of every epoch (Keras restarts an interrupted epoch from
-    its beginning anyway); keeps the backup after training unless
+    Backs up at the end of every epoch; keeps the backup after training unless
     `delete_checkpoint=True`. The record `backup.json` is the commit point.
+    A SIGTERM (preemption, `scancel`, Kubernetes eviction) while training makes it
+    back up at the next step boundary (epoch, step within it, weights and
+    optimizer state) and raise `Preempted`; the trainer resumes there
+    (`read_backup_position`, `view_pair_batches(start_epoch=, start_step=)`).
 
     Args:
-        backup_dir: where the backups live (one directory per run).
+        backup_dir: where the backups live (one directory per run; any gfile path).
         delete_checkpoint: remove the backup when fit completes.
         write: whether this process writes backups (False on non-chief workers).
+        first_step: steps of the first epoch done before this fit (a run resumed mid-epoch,
+            whose first epoch is `steps_per_epoch - first_step` long).
     """
 
-    def __init__(self, backup_dir, delete_checkpoint: bool = False, write: bool = True):
-        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=delete_checkpoint)
+    def __init__(self, backup_dir, delete_checkpoint: bool = False, write: bool = True, first_step: int = 0):
+        super().__init__(os.fspath(backup_dir), save_freq="epoch", delete_checkpoint=delete_checkpoint)
         self.write = write
+        self.first_step = first_step
+        self.restore_on_begin = True  # False: a second fit of the same run, the model is current
+        self._sigterm = False
+        self._previous_handler = None
+        self._first_epoch = None
+        self._epoch = 0
 
     def _load_model(self):
+        if not self.restore_on_begin:
+            return
         epoch = load_backup(self.model, self.backup_dir)
-        if epoch:
+        step = read_backup_position(self.backup_dir)[1]
+        if epoch or step:
             self.model._initial_epoch = epoch
-            print(f"Resuming after epoch {epoch} from the backup in {self.backup_dir}", flush=True)
+            where = f"epoch {epoch}, step {step} of the next" if step else f"epoch {epoch}"
+            print(f"Resuming after {where} from the backup in {self.backup_dir}", flush=True)
 
     def _save_model(self):
-        if not self.write:
+        if self.write:
+            save_backup(self.model, self.backup_dir, self._current_epoch)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._first_epoch = None
+        if signal.getsignal(signal.SIGTERM) is not None:  # None: not installable from Python here
+            try:
+                self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            except ValueError:  # not the main thread: no preemption handling
+                self._previous_handler = None
+
+    def _on_sigterm(self, signum, frame):
+        self._sigterm = True  # acted on at the next step boundary, where the state is whole
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._epoch = epoch  # the epochs completed before this one
+        if self._first_epoch is None:
+            self._first_epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        at = os.environ.get(SIGTERM_AT_STEP_ENV)
+        if at and int(self.model.optimizer.iterations.numpy()) == int(at):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if not self._sigterm:
             return
-        backup_dir = Path(self.backup_dir)
-        backup_dir.mkdir(parents=True, exist_ok=True)
-        name = f"epoch-{self._current_epoch:06d}.weights.h5"
-        self.model.save_weights(backup_dir / name, overwrite=True)
-        tmp = backup_dir / f".{_RECORD}.tmp"
-        tmp.write_text(json.dumps({"epoch": self._current_epoch, "weights": name}))
-        os.replace(tmp, backup_dir / _RECORD)  # the commit point
-        for old in backup_dir.glob("epoch-*.weights.h5"):
-            if old.name != name:
-                old.unlink()
+        epoch = self._epoch
+        step = batch + 1 + (self.first_step if epoch == self._first_epoch else 0)
+        steps = (self.params or {}).get("steps")
+        if steps and batch + 1 >= steps:  # the epoch's last step: a whole epoch is done
+            epoch, step = epoch + 1, 0
+        if self.write:
+            save_backup(self.model, self.backup_dir, epoch, step)
+        self._restore_handler()
+        raise Preempted(epoch, step, self.backup_dir)
+
+    def _restore_handler(self):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def on_train_end(self, logs=None):
+        self._restore_handler()
+        super().on_train_end(logs)
 
 
 def epoch_seed(seed: int, epoch) -> tf.Tensor:
