@@ -9,7 +9,7 @@ not measured here (no GPU and no CIFAR-10 download on the development machine).
 """
 import ml_collections
 
-from configs import fashion_mnist
+from vicreg_tf.configs import fashion_mnist
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.views.on_device = "auto"  # auto (on when training on GPUs/TPUs) | on | off
 
     config.model = ml_collections.ConfigDict()
-    # vicreg | simsiam | byol | logdet | pairwise (vicreg_tf.methods; trainers.common.make_model)
+    # vicreg | simsiam | byol | logdet | pairwise (vicreg_tf.methods; trainers.build.make_model)
     config.model.method = "vicreg"
     config.model.backbone = "small_cnn"
     config.model.backbone_kwargs = ml_collections.ConfigDict({"widths": (32, 64, 128)})
@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.steps_per_epoch = 0  # 0: one pass over the data
     # Keras dtype policy: auto | "" (float32) | mixed_bfloat16 | mixed_float16 | float64. "auto" is
     # mixed_bfloat16 where the hardware has bfloat16 natively (GPUs of compute capability >= 8.0,
-    # TPUs, CPUs with AVX512_BF16 / AMX: trainers.common.resolve_mixed_precision), float32 elsewhere.
+    # TPUs, CPUs with AVX512_BF16 / AMX: trainers.build.resolve_mixed_precision), float32 elsewhere.
     # On CPUs "auto" stays float32: measured with the same seed (PRECISION below), mixed_bfloat16 trained
     # 1.24x faster end to end but lost 0.51 points linear (kNN-20 0.12), over the ~0.5 we accept.
     config.training.mixed_precision = "auto"

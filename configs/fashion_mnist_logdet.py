@@ -14,7 +14,7 @@ Everything else is fashion_mnist's (equal budget).
 """
 import ml_collections
 
-from configs import fashion_mnist
+from vicreg_tf.configs import fashion_mnist
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -12,7 +12,7 @@ fashion_mnist's, so the runs compare at equal budget.
 """
 import ml_collections
 
-from configs import fashion_mnist
+from vicreg_tf.configs import fashion_mnist
 
 
 def get_config() -> ml_collections.ConfigDict:

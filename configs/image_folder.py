@@ -12,7 +12,7 @@ Result: depends on your data; watch embedding_std and the spectrum plot for coll
 """
 import ml_collections
 
-from configs import cifar10_resnet18
+from vicreg_tf.configs import cifar10_resnet18
 
 
 def get_config() -> ml_collections.ConfigDict:

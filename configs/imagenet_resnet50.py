@@ -10,7 +10,7 @@ The learning rate is base 0.2 x batch / 256 at batch 2048. For other batch sizes
 """
 import ml_collections
 
-from configs import fashion_mnist
+from vicreg_tf.configs import fashion_mnist
 
 # Appendix C of the paper (100-epoch runs): global batch -> base learning rate.
 PAPER_BASE_LR = {128: 0.8, 256: 0.5, 512: 0.4, 1024: 0.3}

@@ -5,7 +5,7 @@ Hardware: any CPU; runs in well under a minute. Result: none to speak of (it che
 """
 import ml_collections
 
-from configs import fashion_mnist
+from vicreg_tf.configs import fashion_mnist
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -72,20 +72,22 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
 
-    from trainers import common
-
-    try:
-        common.check_keras_file(backbone_path)
-    except ValueError as e:
-        print(f"vicreg-export: error: {e}", file=sys.stderr)
-        return 2
+    from vicreg_tf._startup import quiet_tensorflow_startup
 
     # TensorFlow is imported only once the arguments are known to be good: it takes seconds.
-    with common.quiet_tensorflow_startup():
+    with quiet_tensorflow_startup():
+        import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
         import keras
         import tensorflow as tf
 
         tf.config.list_physical_devices()
+    from vicreg_tf.transfer import check_keras_file
+
+    try:
+        check_keras_file(backbone_path)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vicreg-export: error: {e}", file=sys.stderr)
+        return 2
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # the SavedModel writer's INFO lines

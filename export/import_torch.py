@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or args.arch
 
     # TensorFlow and torch are imported only once the arguments are known to be good: they take seconds.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import vicreg_tf  # noqa: F401  (before TensorFlow: oneDNN)
+    from vicreg_tf._startup import quiet_tensorflow_startup
+
+    with quiet_tensorflow_startup():
+        import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
+        import tensorflow  # noqa: F401
     from vicreg_tf.serving import export_for_serving
     from vicreg_tf.transfer import from_torch_checkpoint
 

@@ -336,11 +336,11 @@ def _tiny_config(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_trainer_builds_each_method_from_config(method):
-    from trainers import common
+    from trainers import build
 
     expected = {"vicreg": "VICReg", "simsiam": "SimSiam", "byol": "BYOL", "logdet": "EntropyVICReg",
                 "pairwise": "EntropyVICReg"}[method]
-    model = common.make_model(_tiny_config(method), total_steps=12)
+    model = build.make_model(_tiny_config(method), total_steps=12)
     assert type(model).__name__ == expected
     if method == "byol":
         assert model.total_steps == 12 and model.tau_base == 0.996
@@ -349,10 +349,10 @@ def test_trainer_builds_each_method_from_config(method):
 
 
 def test_trainer_rejects_an_unknown_method_listing_the_valid_ones():
-    from trainers import common
+    from trainers import build
 
     with pytest.raises(ValueError, match="unknown model.method 'barlow'.*vicreg, simsiam, byol, logdet, pairwise"):
-        common.make_model(_tiny_config("barlow"))
+        build.make_model(_tiny_config("barlow"))
 
 
 @pytest.mark.parametrize("name,method", [

@@ -176,24 +176,24 @@ def _fake_slurm(monkeypatch, **overrides):
 def test_a_slurm_step_resolves_to_a_worker_cluster_without_tf_config(monkeypatch, tmp_path):
     import tensorflow as tf
 
-    from trainers import common
+    from trainers import build
 
     _fake_slurm(monkeypatch)
     assert cluster.in_slurm_job()
     resolver = cluster.slurm_cluster_resolver()
     assert resolver.cluster_spec().as_dict() == {"worker": ["gpu01:8888", "gpu02:8888"]}
     assert (resolver.task_type, resolver.task_id) == ("worker", 1)
-    role = cluster.worker_role(resolver, str(tmp_path / "run"))
+    role = cluster.resolver_role(resolver, str(tmp_path / "run"))
     assert not role.is_chief and not (tmp_path / "run").exists()  # task 1 writes to its scratch directory
 
     picked = []
     monkeypatch.setattr(cluster, "multi_worker_strategy", lambda resolver=None: picked.append(resolver) or "mwms")
-    assert common.make_strategy() == "mwms"
+    assert build.make_strategy() == "mwms"
     assert isinstance(picked[0], tf.distribute.cluster_resolver.SlurmClusterResolver)
     assert picked[0].num_accelerators() == {}  # no GPU here: CPU replicas
 
     monkeypatch.setenv("SLURM_PROCID", "0")
-    assert cluster.worker_role(cluster.slurm_cluster_resolver(), str(tmp_path / "run")).is_chief
+    assert cluster.resolver_role(cluster.slurm_cluster_resolver(), str(tmp_path / "run")).is_chief
 
 
 def test_two_slurm_tasks_on_one_node_get_their_own_ports(monkeypatch):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_python
-from trainers import common
+from trainers import build, checks, cli, workdirs
 
 import vicreg_tf  # noqa: F401  (registers VICReg for keras.saving.load_model)
 
@@ -57,9 +57,9 @@ def test_imagenet_config_is_the_papers_recipe():
 
 
 def test_config_by_name_and_unknown_name():
-    assert common.resolve_config_path("tiny").endswith("configs/tiny.py")
+    assert cli.resolve_config_path("tiny").endswith("configs/tiny.py")
     with pytest.raises(FileNotFoundError, match="fashion_mnist"):
-        common.resolve_config_path("no_such_experiment")
+        cli.resolve_config_path("no_such_experiment")
 
 
 def test_unknown_override_key_is_an_error_naming_it(tmp_path):
@@ -74,21 +74,21 @@ def test_unknown_override_key_is_an_error_naming_it(tmp_path):
 
 def test_workdir_of_another_experiment_is_refused(tmp_path):
     config = _config("tiny")
-    common.check_workdir(tmp_path, config)
-    common.check_workdir(tmp_path, config)  # the same experiment resumes
+    workdirs.check_workdir(tmp_path, config)
+    workdirs.check_workdir(tmp_path, config)  # the same experiment resumes
     _fake_checkpoint(tmp_path)  # refused only once the workdir holds checkpoints
     other = _config("tiny")
     other.unlock()
     other.training.batch_size = 32
     with pytest.raises(ValueError, match="training.batch_size: workdir has 64, config has 32"):
-        common.check_workdir(tmp_path, other)
+        workdirs.check_workdir(tmp_path, other)
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
     config = _config("tiny")
     config.data.path = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        common.load_images(config, "train")
+        build.load_images(config, "train")
 
 
 def test_tiny_run_trains_evaluates_and_exports(tmp_path):
@@ -253,7 +253,7 @@ def test_validate_config_names_the_field_and_the_value(override, message):
         section, key = dotted.split(".")
         config[section][key] = value
     with pytest.raises(ValueError, match=message):
-        common.validate_config(config)
+        checks.validate_config(config)
 
 
 def test_every_shipped_config_passes_validation():
@@ -261,7 +261,7 @@ def test_every_shipped_config_passes_validation():
         config = _config(name)
         if config.data.source == "folder":
             config.data.path = "/data/photos"  # the one field its command line sets
-        common.validate_config(config)
+        checks.validate_config(config)
 
 
 # --------------------------------------------------------------------------- precision and XLA (issue 17)
@@ -271,16 +271,16 @@ def test_jit_compile_takes_auto_on_off_and_names_the_field_otherwise():
     config = _config("tiny")
     for value in ("auto", "on", "off", "True", "false"):
         config.training.jit_compile = value
-        common.validate_config(config)
+        checks.validate_config(config)
     config.training.jit_compile = "maybe"
     with pytest.raises(ValueError, match="config.training.jit_compile must be 'auto'.*got 'maybe'"):
-        common.validate_config(config)
+        checks.validate_config(config)
 
 
 def test_bfloat16_is_native_only_with_the_cpu_flags():
-    assert common.cpu_has_native_bfloat16("flags : fpu avx2 avx512f avx512_bf16 avx512_vnni")
-    assert common.cpu_has_native_bfloat16("flags : fpu avx2 amx_bf16 amx_tile")
-    assert not common.cpu_has_native_bfloat16("flags : fpu avx2 avx512f avx512_vnni")
+    assert build.cpu_has_native_bfloat16("flags : fpu avx2 avx512f avx512_bf16 avx512_vnni")
+    assert build.cpu_has_native_bfloat16("flags : fpu avx2 amx_bf16 amx_tile")
+    assert not build.cpu_has_native_bfloat16("flags : fpu avx2 avx512f avx512_vnni")
 
 
 def test_auto_precision_and_xla_resolve_by_hardware(two_cpu_strategy, monkeypatch):
@@ -289,19 +289,19 @@ def test_auto_precision_and_xla_resolve_by_hardware(two_cpu_strategy, monkeypatc
     config = _config("fashion_mnist")
     assert config.training.mixed_precision == "auto" and config.training.jit_compile == "auto"
     one_cpu = tf.distribute.get_strategy()
-    for native, expected in ((True, "mixed_bfloat16" if common.BFLOAT16_ON_CPU else ""), (False, "")):
-        monkeypatch.setattr(common, "cpu_has_native_bfloat16", lambda native=native: native)
-        assert common.resolve_mixed_precision(config, one_cpu) == expected
-    assert common.resolve_jit_compile(config, one_cpu) is False  # CPU: XLA measured slower
-    assert common.resolve_jit_compile(config, two_cpu_strategy) is False  # several replicas
-    monkeypatch.setattr(common, "training_device_kind", lambda strategy: "GPU")
-    assert common.resolve_jit_compile(config, one_cpu) is True  # one GPU
-    assert common.resolve_jit_compile(config, two_cpu_strategy) is False
-    assert common.views_on_device(config, one_cpu) is False  # follows the resolved XLA
+    for native, expected in ((True, "mixed_bfloat16" if build.BFLOAT16_ON_CPU else ""), (False, "")):
+        monkeypatch.setattr(build, "cpu_has_native_bfloat16", lambda native=native: native)
+        assert build.resolve_mixed_precision(config, one_cpu) == expected
+    assert build.resolve_jit_compile(config, one_cpu) is False  # CPU: XLA measured slower
+    assert build.resolve_jit_compile(config, two_cpu_strategy) is False  # several replicas
+    monkeypatch.setattr(build, "training_device_kind", lambda strategy: "GPU")
+    assert build.resolve_jit_compile(config, one_cpu) is True  # one GPU
+    assert build.resolve_jit_compile(config, two_cpu_strategy) is False
+    assert build.views_on_device(config, one_cpu) is False  # follows the resolved XLA
     config.training.jit_compile = "off"
-    assert common.views_on_device(config, one_cpu) is True
+    assert build.views_on_device(config, one_cpu) is True
     config.training.mixed_precision = "mixed_float16"  # explicit values stay what they are
-    assert common.resolve_mixed_precision(config, one_cpu) == "mixed_float16"
+    assert build.resolve_mixed_precision(config, one_cpu) == "mixed_float16"
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -316,14 +316,14 @@ def test_every_shipped_config_builds_and_steps_on_two_replicas(name, two_cpu_str
     config.model.projector = "32-32"
     config.data.image_size = min(config.data.image_size, 32)
     config.training.batch_size = 8
-    precision = common.resolve_mixed_precision(config, two_cpu_strategy)
-    jit_compile = common.resolve_jit_compile(config, two_cpu_strategy)
+    precision = build.resolve_mixed_precision(config, two_cpu_strategy)
+    jit_compile = build.resolve_jit_compile(config, two_cpu_strategy)
     assert jit_compile is False  # never XLA across replicas
     keras.mixed_precision.set_global_policy(precision or "float32")
     keras.utils.set_random_seed(0)
     with two_cpu_strategy.scope():
-        model = common.make_model(config, total_steps=10)
-        model.compile(optimizer=common.make_optimizer(config, 10), jit_compile=jit_compile)
+        model = build.make_model(config, total_steps=10)
+        model.compile(optimizer=build.make_optimizer(config, 10), jit_compile=jit_compile)
     assert model.backbone.layers[1].compute_dtype == keras.mixed_precision.global_policy().compute_dtype
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
     size, channels = config.data.image_size, config.data.channels
@@ -360,8 +360,8 @@ def test_a_setup_that_fails_before_training_does_not_claim_the_workdir(tmp_path,
 def test_a_stale_record_without_checkpoints_is_replaced(tmp_path):
     other = _config("tiny")
     other.training.batch_size = 32
-    common.check_workdir(tmp_path, other)  # a run that then failed before training
-    common.check_workdir(tmp_path, _config("tiny"))  # the corrected rerun is not refused
+    workdirs.check_workdir(tmp_path, other)  # a run that then failed before training
+    workdirs.check_workdir(tmp_path, _config("tiny"))  # the corrected rerun is not refused
     assert json.loads((tmp_path / "experiment.json").read_text())["training.batch_size"] == 64
 
 
@@ -377,20 +377,20 @@ def test_fingerprint_records_the_data_directory_actually_read(tmp_path, monkeypa
         (folder / "train-images-idx3-ubyte.gz").touch()
     workdir = tmp_path / "run"
     monkeypatch.setenv("VICREG_DATA_DIR", str(first))
-    common.check_workdir(workdir, _config("tiny"))
+    workdirs.check_workdir(workdir, _config("tiny"))
     assert json.loads((workdir / "experiment.json").read_text())["data_dir"] == str(first.resolve())
     _fake_checkpoint(workdir)
     monkeypatch.setenv("VICREG_DATA_DIR", str(second))
     with pytest.raises(ValueError, match=f"data_dir: workdir has '{first.resolve()}'"):
-        common.check_workdir(workdir, _config("tiny"))
+        workdirs.check_workdir(workdir, _config("tiny"))
 
 
 def test_a_record_that_predates_the_data_directory_warns_and_resumes(tmp_path, capsys):
-    record = common.experiment_fingerprint(_config("tiny"))
+    record = workdirs.experiment_fingerprint(_config("tiny"))
     del record["data_dir"]
     (tmp_path / "experiment.json").write_text(json.dumps(record))
     _fake_checkpoint(tmp_path)
-    common.check_workdir(tmp_path, _config("tiny"))
+    workdirs.check_workdir(tmp_path, _config("tiny"))
     assert "predates the field(s) data_dir" in capsys.readouterr().err
 
 
@@ -403,10 +403,10 @@ def test_another_models_backup_without_a_record_is_refused_and_not_relabelled(tm
     _fake_checkpoint(tmp_path)
     other.save_weights(tmp_path / "backup" / "epoch-000001.weights.h5")
     config = _config("tiny")
-    model = common.make_model(config, total_steps=16)
-    model.compile(optimizer=common.make_optimizer(config, 8))
+    model = build.make_model(config, total_steps=16)
+    model.compile(optimizer=build.make_optimizer(config, 8))
     with pytest.raises(ValueError, match=f"--workdir={tmp_path} holds another model's backup"):
-        common.check_backup_loads(model, tmp_path)
+        checks.check_backup_loads(model, tmp_path)
     assert not (tmp_path / "experiment.json").exists()
 
 
@@ -421,10 +421,10 @@ def test_help_exits_0_and_lists_the_flags():
 
 def test_verbose_auto_is_a_progress_bar_on_a_terminal_and_a_line_per_epoch_otherwise(monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    assert common.resolve_verbose("auto") == 1
+    assert build.resolve_verbose("auto") == 1
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    assert common.resolve_verbose("auto") == 2
-    assert common.resolve_verbose("0") == 0 and _config("fashion_mnist").training.verbose == "auto"
+    assert build.resolve_verbose("auto") == 2
+    assert build.resolve_verbose("0") == 0 and _config("fashion_mnist").training.verbose == "auto"
 
 
 def test_eval_of_a_truncated_keras_file_is_one_clear_error_and_writes_nothing(tmp_path):

@@ -1,6 +1,6 @@
-"""Console scripts: vicreg-train, vicreg-eval, vicreg-export, launch_local."""
-import os as _os
+"""The command-line programs: vicreg-train (pretrain.py), vicreg-eval (linear_eval.py), launch_local.
 
-# Before anything loads TensorFlow: oneDNN CPU kernels (see vicreg_tf/__init__.py; ~2x faster
-# train step on AVX2-only CPUs, where TensorFlow leaves them off by default).
-_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+Installed as `vicreg_tf.trainers`. Read pretrain.py top to bottom; the glue it uses is
+build.py (config -> parts), checks.py (setup checks), workdirs.py (the workdir's record),
+cli.py (command-line handling) and cluster.py (multi-worker roles).
+"""

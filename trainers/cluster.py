@@ -22,8 +22,9 @@ import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
-from trainers.common import WorkerRole, tf_makedirs
+from .workdirs import tf_makedirs
 
 # How long to wait for every peer's server before giving up with a clear error.
 PEER_TIMEOUT_ENV = "VICREG_PEER_TIMEOUT"
@@ -160,7 +161,8 @@ def multi_worker_strategy(resolver=None):
         watchdog.wait()
 
 
-def worker_role(resolver, workdir) -> WorkerRole:
+def resolver_role(resolver, workdir) -> WorkerRole:
+    """The role of this task of a multi-worker cluster (TF_CONFIG or Slurm)."""
     if os.environ.get("TF_CONFIG"):
         config = parse_tf_config()
     else:  # Slurm: the resolver knows the task
@@ -175,3 +177,20 @@ def worker_role(resolver, workdir) -> WorkerRole:
 
         atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     return WorkerRole(False, scratch)
+
+
+class WorkerRole:
+    """Who writes what: the chief writes to the workdir, other workers to a scratch copy."""
+
+    def __init__(self, is_chief: bool, workdir: Path):
+        self.is_chief = is_chief
+        self.workdir = workdir
+
+
+def worker_role(strategy, workdir) -> WorkerRole:
+    """The chief of a multi-worker run, or the only process, writes into the workdir."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not (os.environ.get("TF_CONFIG") or in_slurm_job()):
+        tf_makedirs(workdir)
+        return WorkerRole(True, workdir)
+    return resolver_role(resolver, workdir)

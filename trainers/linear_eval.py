@@ -21,7 +21,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from trainers import common
+from . import build, checks, cli, workdirs
 
 
 
@@ -31,31 +31,31 @@ def evaluate(config, backbone_path: str | None, workdir: str | None = None, rand
 
     from vicreg_tf import evaluation, transfer
 
-    common.validate_config(config)
+    checks.validate_config(config)
     keras.utils.set_random_seed(config.seed)
     if random_init:
-        common.check_backbone_name(config)
-        backbone = common.make_backbone(config)
+        checks.check_backbone_name(config)
+        backbone = build.make_backbone(config)
     else:
-        backbone = transfer.load_backbone(common.check_keras_file(backbone_path))
-        common.check_backbone_input(backbone, config, backbone_path)
+        backbone = transfer.load_backbone(transfer.check_keras_file(backbone_path))
+        checks.check_backbone_input(backbone, config, backbone_path)
     # Checked before out_dir exists: a failure leaves no empty directory behind.
-    common.check_data_exists(config)
+    checks.check_data_exists(config)
     out_dir = Path(workdir or Path(backbone_path).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Folders: the features are fit on the training files and scored on the held-out ones
     # (data.eval_split / data.eval_path), never on the images trained on; the record says which.
-    train_source = common.load_source(config, config.data.train_split)
-    test_source = common.load_source(config, config.data.eval_split)
+    train_source = build.load_source(config, config.data.train_split)
+    test_source = build.load_source(config, config.data.eval_split)
     if not train_source.labelled:
         raise ValueError(f"{config.data.source} data has no labels: vicreg-eval needs a labelled split")
     train_images = train_source.images(config.data.image_size)
     test_images = test_source.images(config.data.image_size)
-    batch = common.eval_batch_size(config)
+    batch = build.eval_batch_size(config)
 
     start = time.time()
-    train_x, train_y = evaluation.extract_features(backbone, common.labelled_batches(train_images, batch))
-    test_x, test_y = evaluation.extract_features(backbone, common.labelled_batches(test_images, batch))
+    train_x, train_y = evaluation.extract_features(backbone, build.labelled_batches(train_images, batch))
+    test_x, test_y = evaluation.extract_features(backbone, build.labelled_batches(test_images, batch))
     record = {
         "backbone": "random_init" if random_init else str(backbone_path),
         "experiment": config.experiment,
@@ -78,13 +78,13 @@ def evaluate(config, backbone_path: str | None, workdir: str | None = None, rand
     if config.eval.fine_tune_epochs:
         num_classes = int(np.max(train_y)) + 1
         record["fine_tune_top1"] = evaluation.fine_tune(
-            backbone, common.labelled_batches(train_images.shuffle(10000, seed=config.seed), 256),
-            common.labelled_batches(test_images, batch), num_classes=num_classes,
+            backbone, build.labelled_batches(train_images.shuffle(10000, seed=config.seed), 256),
+            build.labelled_batches(test_images, batch), num_classes=num_classes,
             epochs=config.eval.fine_tune_epochs,
         )["top1"]
     record["seconds"] = round(time.time() - start, 1)
     name = "eval_random_init.json" if random_init else "eval.json"
-    common.write_json_line(out_dir / name, record)
+    workdirs.write_json_line(out_dir / name, record)
     return record
 
 
@@ -96,7 +96,7 @@ def _main(argv):
     try:
         evaluate(_CONFIG.value, _BACKBONE.value, _WORKDIR.value, _RANDOM_INIT.value)
     except (ValueError, FileNotFoundError) as error:
-        sys.exit(common.fail(str(error)))
+        sys.exit(cli.fail(str(error)))
 
 
 def _define_flags() -> None:
@@ -110,7 +110,7 @@ def _define_flags() -> None:
 
 def main(argv=None):
     _define_flags()
-    common.run_app(_main, list(sys.argv if argv is None else argv), __doc__,
+    cli.run_app(_main, list(sys.argv if argv is None else argv), __doc__,
                    ("config", "backbone", "workdir", "random_init"))
 
 

@@ -23,7 +23,7 @@ import tempfile
 from absl import app, flags
 from ml_collections import config_flags
 
-from trainers import common
+from . import build, checks, cli, cluster, workdirs
 
 
 
@@ -47,18 +47,18 @@ def train(config, workdir: str | os.PathLike) -> dict:
     workdir = os.fspath(workdir)  # a local path or any tf.io.gfile one (gs://...)
     # Everything that can be wrong with the setup fails here, before the workdir is
     # claimed (experiment.json written) and before any training.
-    common.validate_config(config)
-    common.check_backbone_name(config)
-    common.check_data_exists(config)
-    common.check_workdir(workdir, config, write=False)  # another experiment's checkpoints
+    checks.validate_config(config)
+    checks.check_backbone_name(config)
+    checks.check_data_exists(config)
+    workdirs.check_workdir(workdir, config, write=False)  # another experiment's checkpoints
     if training.is_remote(workdir) and config.export.enabled:
         raise ValueError(f"--workdir={workdir} is not a local path; the TF Serving export writes to a local "
                          "(or mounted) one: add --config.export.enabled=False and export backbone.keras later")
     if config.training.deterministic:
-        common.make_deterministic()  # before the first TensorFlow op
-    strategy = common.make_strategy()
-    common.make_views(config, seed=config.seed)  # an unknown views.preset fails here
-    source = common.load_source(config, config.data.train_split)
+        build.make_deterministic()  # before the first TensorFlow op
+    strategy = build.make_strategy()
+    build.make_views(config, seed=config.seed)  # an unknown views.preset fails here
+    source = build.load_source(config, config.data.train_split)
     count = source.count
     batch_size = config.training.batch_size
     if count < batch_size:
@@ -69,19 +69,19 @@ def train(config, workdir: str | os.PathLike) -> dict:
     steps = config.training.steps_per_epoch or count // batch_size
 
     keras.utils.set_random_seed(config.seed)
-    precision = common.resolve_mixed_precision(config, strategy)  # "auto": bfloat16 where it is native
+    precision = build.resolve_mixed_precision(config, strategy)  # "auto": bfloat16 where it is native
     if precision:
         keras.mixed_precision.set_global_policy(precision)
-    jit_compile = common.resolve_jit_compile(config, strategy)  # "auto": XLA on one GPU only
+    jit_compile = build.resolve_jit_compile(config, strategy)  # "auto": XLA on one GPU only
     print(f"precision: {precision or 'float32'}, XLA: {'on' if jit_compile else 'off'}, "
-          f"{strategy.num_replicas_in_sync} replica(s) on {common.training_device_kind(strategy)}", flush=True)
+          f"{strategy.num_replicas_in_sync} replica(s) on {build.training_device_kind(strategy)}", flush=True)
 
     backup_dir = os.path.join(workdir, "backup")
     # Epochs done, and steps done of the next one (a run stopped by SIGTERM backs up mid-epoch).
     start_epoch, start_step = training.read_backup_position(backup_dir)
     epochs = config.training.epochs
-    views = common.make_views(config, seed=config.seed)
-    on_device = common.views_on_device(config, strategy)
+    views = build.make_views(config, seed=config.seed)
+    on_device = build.views_on_device(config, strategy)
 
     def make_dataset(first_epoch, first_step=0):
         # Streams: each worker reads, decodes and crops only its rows of each global batch.
@@ -92,29 +92,29 @@ def train(config, workdir: str | os.PathLike) -> dict:
         ), batch_size)
 
     with strategy.scope():
-        model = common.make_model(config, total_steps=steps * config.training.epochs)  # config.model.method
-        model.compile(optimizer=common.make_optimizer(config, steps), jit_compile=jit_compile)
+        model = build.make_model(config, total_steps=steps * config.training.epochs)  # config.model.method
+        model.compile(optimizer=build.make_optimizer(config, steps), jit_compile=jit_compile)
     if on_device:  # the views' second stage (flip, color, blur, solarize) inside the train step
         if jit_compile:
             raise ValueError("config.views.on_device needs config.training.jit_compile=off "
                              "(the view ops have data-dependent shapes)")
         with strategy.scope():
-            model.device_views = common.make_views(config, seed=config.seed)
+            model.device_views = build.make_views(config, seed=config.seed)
 
     # The setup is good: claim the workdir (a backup without a record must fit this model).
-    role = common.worker_role(strategy, workdir)
-    common.check_backup_loads(model, workdir)
-    common.check_workdir(workdir, config, write=role.is_chief)
+    role = cluster.worker_role(strategy, workdir)
+    checks.check_backup_loads(model, workdir)
+    workdirs.check_workdir(workdir, config, write=role.is_chief)
 
     join = os.path.join
-    eval_batch = common.eval_batch_size(config)
+    eval_batch = build.eval_batch_size(config)
     eval_batches = None
     callbacks = [training.UnreadableImagesReport()]
     if source.labelled:
-        eval_source = common.load_source(config, config.data.eval_split)
+        eval_source = build.load_source(config, config.data.eval_split)
         size = config.data.image_size
-        train_batches = common.labelled_batches(source.images(size), eval_batch, limit=config.eval.knn_max_train)
-        eval_batches = common.labelled_batches(eval_source.images(size), eval_batch)
+        train_batches = build.labelled_batches(source.images(size), eval_batch, limit=config.eval.knn_max_train)
+        eval_batches = build.labelled_batches(eval_source.images(size), eval_batch)
         if config.eval.knn_every:
             # First in the list, so the logs it adds reach the CSV log and TensorBoard.
             callbacks.insert(0, evaluation.KNNMonitor(
@@ -132,7 +132,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
         keras.callbacks.TensorBoard(join(role.workdir, "tensorboard")),
         backup,  # last: the step it stops at after a SIGTERM has been logged by the others
     ]
-    fit = dict(callbacks=callbacks, shuffle=False, verbose=common.resolve_verbose(config.training.get("verbose", "auto")))
+    fit = dict(callbacks=callbacks, shuffle=False, verbose=build.resolve_verbose(config.training.get("verbose", "auto")))
     if start_epoch < epochs and start_step:
         # Stopped mid-epoch: finish that epoch from its next step (the learning rate follows
         # optimizer.iterations, restored with the backup), then the remaining epochs.
@@ -162,7 +162,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
             tf.io.gfile.copy(join(workdir, name), join(plots, name), overwrite=True)
     if os.path.exists(join(plots, "log.csv")):
         evaluation.plot_loss_terms(join(plots, "log.csv"), join(plots, "loss_terms.png"))
-    probe = eval_batches or common.labelled_batches(source.images(config.data.image_size), eval_batch)
+    probe = eval_batches or build.labelled_batches(source.images(config.data.image_size), eval_batch)
     embeddings = np.concatenate([
         model.projector(model.backbone(x, training=False), training=False).numpy()
         for x, _ in probe.take(max(1, 4096 // eval_batch))
@@ -186,7 +186,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
         else:
             version_dir = serving.export_for_serving(model.backbone, join(workdir, "export"), config.export.name)
         summary["export"] = str(version_dir)
-    common.write_json_line(join(workdir, "pretrain_summary.json"), summary)
+    workdirs.write_json_line(join(workdir, "pretrain_summary.json"), summary)
     return summary
 
 
@@ -203,12 +203,12 @@ def _main(argv):
         print(f"preempted: {stop}; rerun the same command to continue", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT_STATUS)
     except (ValueError, FileNotFoundError) as error:
-        sys.exit(common.fail(str(error)))
+        sys.exit(cli.fail(str(error)))
     except Exception as error:  # a diverging run: one line, not TensorFlow's traceback
-        message = common.diverged_message(error, _WORKDIR.value, _CONFIG.value)
+        message = checks.diverged_message(error, _WORKDIR.value, _CONFIG.value)
         if message is None:
             raise
-        sys.exit(common.fail(message))
+        sys.exit(cli.fail(message))
 
 
 def _define_flags() -> None:
@@ -220,7 +220,7 @@ def _define_flags() -> None:
 
 def main(argv=None):
     _define_flags()
-    common.run_app(_main, list(sys.argv if argv is None else argv), __doc__, ("config", "workdir"))
+    cli.run_app(_main, list(sys.argv if argv is None else argv), __doc__, ("config", "workdir"))
 
 
 if __name__ == "__main__":

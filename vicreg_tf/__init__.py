@@ -26,25 +26,72 @@ import os as _os
 # only helps if vicreg_tf is imported first; an explicit user setting wins.
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from vicreg_tf.distribute import gather_replicas, num_replicas
-from vicreg_tf.losses import covariance_loss, invariance_loss, variance_loss, vicreg_loss
-from vicreg_tf.losses import (
-    VarianceCovarianceRegularizer,
-    logdet_entropy,
-    negative_cosine_similarity,
-    pairwise_entropy,
-    variance_covariance_regularizer,
-)
-from vicreg_tf.model import VICReg, StopOnNonFiniteLoss
-from vicreg_tf.methods import BYOL, EntropyVICReg, SimSiam
-from vicreg_tf.optimizers import LARS, scaled_learning_rate, warmup_cosine
-from vicreg_tf.projector import build_projector, parse_projector_spec
-from vicreg_tf import augment, backbones, data, evaluation, kerascv_pipeline, methods, serving, serving_client, transfer
-from vicreg_tf.augment import TwoViews, grayscale_views, paper_views
-from vicreg_tf.kerascv_pipeline import kerascv_views
-from vicreg_tf.data import view_pairs
-from vicreg_tf.serving import export_for_serving
-from vicreg_tf.transfer import load_backbone, set_trainable
+import sys as _sys
+
+# The console scripts (vicreg-train, ...) import TensorFlow themselves, inside a context that
+# hides its start-up notices, and answer --help without it: for them the names below load on
+# first use (PEP 562). Everyone else gets them at once, as before, with the Keras classes
+# (VICReg, the view layers, ...) registered for keras.saving.load_model.
+_CONSOLE_SCRIPTS = ("vicreg-train", "vicreg-eval", "vicreg-export", "vicreg-import")
+_PROGRAMS = ("trainers/pretrain.py", "trainers/linear_eval.py", "export/export.py", "export/import_torch.py")
+_PROGRAM = (_sys.argv[0] if _sys.argv else "").replace(_os.sep, "/")
+_LAZY = _os.path.basename(_PROGRAM) in _CONSOLE_SCRIPTS or _PROGRAM.endswith(_PROGRAMS)
+
+if not _LAZY:
+    from vicreg_tf.distribute import gather_replicas, num_replicas
+    from vicreg_tf.losses import covariance_loss, invariance_loss, variance_loss, vicreg_loss
+    from vicreg_tf.losses import (
+        VarianceCovarianceRegularizer,
+        logdet_entropy,
+        negative_cosine_similarity,
+        pairwise_entropy,
+        variance_covariance_regularizer,
+    )
+    from vicreg_tf.model import VICReg, StopOnNonFiniteLoss
+    from vicreg_tf.methods import BYOL, EntropyVICReg, SimSiam
+    from vicreg_tf.optimizers import LARS, scaled_learning_rate, warmup_cosine
+    from vicreg_tf.projector import build_projector, parse_projector_spec
+    from vicreg_tf import augment, backbones, data, evaluation, kerascv_pipeline, methods, serving, serving_client, transfer
+    from vicreg_tf.augment import TwoViews, grayscale_views, paper_views
+    from vicreg_tf.kerascv_pipeline import kerascv_views
+    from vicreg_tf.data import view_pairs
+    from vicreg_tf.serving import export_for_serving
+    from vicreg_tf.transfer import load_backbone, set_trainable
+
+_EXPORTS = {
+    "vicreg_tf.distribute": ("gather_replicas", "num_replicas"),
+    "vicreg_tf.losses": (
+        "covariance_loss", "invariance_loss", "variance_loss", "vicreg_loss", "VarianceCovarianceRegularizer",
+        "logdet_entropy", "negative_cosine_similarity", "pairwise_entropy", "variance_covariance_regularizer",
+    ),
+    "vicreg_tf.model": ("VICReg", "StopOnNonFiniteLoss"),
+    "vicreg_tf.methods": ("BYOL", "EntropyVICReg", "SimSiam"),
+    "vicreg_tf.optimizers": ("LARS", "scaled_learning_rate", "warmup_cosine"),
+    "vicreg_tf.projector": ("build_projector", "parse_projector_spec"),
+    "vicreg_tf.augment": ("TwoViews", "grayscale_views", "paper_views"),
+    "vicreg_tf.kerascv_pipeline": ("kerascv_views",),
+    "vicreg_tf.data": ("view_pairs",),
+    "vicreg_tf.serving": ("export_for_serving",),
+    "vicreg_tf.transfer": ("load_backbone", "set_trainable"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = ("augment", "backbones", "data", "distribute", "evaluation", "kerascv_pipeline", "losses",
+               "methods", "model", "optimizers", "projector", "serving", "serving_client", "training",
+               "transfer", "torch_import")
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"vicreg_tf.{name}")
+    else:
+        raise AttributeError(f"module 'vicreg_tf' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

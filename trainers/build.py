@@ -1,0 +1,281 @@
+"""From a config to the run's parts: strategy, precision and XLA, sources and views, backbone, model, optimizer."""
+from __future__ import annotations
+
+import os
+import sys
+
+from .checks import OPTIMIZERS, SOURCES, _JIT_VALUES
+
+def resolve_verbose(value) -> int:
+    """config.training.verbose -> Keras' verbose: 'auto' is a progress bar on a terminal, else a line per epoch."""
+    if str(value) == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    return int(value)
+
+
+def make_deterministic() -> None:
+    """Bitwise-reproducible training on this process: op determinism and one inter-op thread.
+
+    `enable_op_determinism` alone is not enough on CPU: with several inter-op
+    threads, two runs of the same steps on the same batches drift apart by a
+    float32 rounding step within a few steps (measured: the expander BN beta differs
+    by 2e-9 after step 2, conv kernels by 4e-4 after 4 epochs of the tiny config).
+    Independent ops then run one at a time; each op still uses all intra-op threads.
+    Must run before TensorFlow's runtime starts (the first op); later it warns.
+    """
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        if tf.config.threading.get_inter_op_parallelism_threads() != 1:
+            print("warning: training.deterministic=True but TensorFlow was already initialised, so the "
+                  "inter-op thread pool could not be limited to 1 thread; results may differ in the last "
+                  "bits between runs", file=sys.stderr, flush=True)
+
+
+def make_strategy():
+    """MultiWorkerMirrored under TF_CONFIG or a multi-task Slurm step, Mirrored over all GPUs, else the default."""
+    import tensorflow as tf
+
+    from . import cluster
+
+    if os.environ.get("TF_CONFIG"):
+        return cluster.multi_worker_strategy()
+    if cluster.in_slurm_job():  # srun with several tasks and no TF_CONFIG
+        return cluster.multi_worker_strategy(cluster.slurm_cluster_resolver())
+    gpus = tf.config.list_logical_devices("GPU")
+    if gpus:
+        return tf.distribute.MirroredStrategy([d.name for d in gpus])
+    return tf.distribute.get_strategy()
+
+
+def load_source(config, split: str):
+    """The configured source of `split` (a `vicreg_tf.data` source): images stay encoded on disk.
+
+    Folders: `data.train_split` / `data.eval_split` are "train" / "eval" (a stable
+    held-out `data.eval_fraction` of the files, chosen by a hash of each name) or
+    "all"; `data.eval_path` names a separate folder for evaluation instead.
+    TFRecords: `data.path` (training) and `data.eval_path` are file patterns.
+    """
+    from vicreg_tf import data
+
+    kind = config.data.source
+    channels = config.data.channels
+    is_eval = split == config.data.eval_split and split != config.data.train_split
+    if kind == "fashion_mnist":
+        images, labels, directory = data.fashion_mnist_arrays(split, data_dir=config.data.path or None)
+        source = data.ArraySource(images, labels, name=f"fashion_mnist:{split}:{directory}")
+    elif kind == "tfds":
+        source = data.RecordSource.from_tfds(
+            config.data.name, split, data_dir=config.data.path or None, channels=channels,
+            cache_mb=config.data.cache_mb,
+        )
+    elif kind == "folder":
+        if is_eval and config.data.eval_path:
+            source = data.FolderSource(config.data.eval_path, channels)
+        else:
+            source = data.FolderSource(config.data.path, channels, split=split,
+                                          eval_fraction=config.data.eval_fraction)
+    elif kind == "tfrecords":
+        pattern = config.data.eval_path if is_eval else config.data.path
+        if not pattern:
+            raise ValueError(f"config.data.source='tfrecords' needs --config.data.{'eval_path' if is_eval else 'path'}"
+                             "=/path/to/files-*.tfrecord")
+        source = data.RecordSource.from_tfrecords(pattern, channels=channels, cache_mb=config.data.cache_mb)
+    else:
+        raise ValueError(f"unknown data.source {kind!r}; expected one of {list(SOURCES)}")
+    if config.data.limit and not is_eval:
+        source = source.limited(config.data.limit)
+    return source
+
+
+def load_images(config, split: str):
+    """Evaluation images of `split`: unbatched (image in [0, 1], label) pairs (resize + center crop), and their count."""
+    source = load_source(config, split)
+    return source.images(config.data.image_size), source.count
+
+
+# mixed_bfloat16 for "auto" on CPUs with native bfloat16 (AVX512_BF16 / AMX)? Off: faster (1.4-1.9x
+# the small-CNN step, 1.24x wall end to end on shared cores) but the Fashion-MNIST recipe lost 0.51
+# points linear against float32 with the same seed (configs/fashion_mnist.py, PRECISION).
+BFLOAT16_ON_CPU = False
+
+
+def training_device_kind(strategy) -> str:
+    """"GPU", "TPU" or "CPU": what the strategy's replicas run on."""
+    import tensorflow as tf
+
+    try:
+        devices = list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy: one device, TensorFlow's choice
+        devices = [d.name for d in tf.config.list_logical_devices("GPU")[:1]]
+    names = " ".join(devices).upper()
+    return "TPU" if "TPU" in names else "GPU" if "GPU" in names else "CPU"
+
+
+def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively (the avx512_bf16 or amx_bf16 flag in /proc/cpuinfo)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:  # not Linux: no way to tell, so no
+            return False
+    flags = set(cpuinfo.split())
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def resolve_mixed_precision(config, strategy) -> str:
+    """config.training.mixed_precision with "auto" resolved: mixed_bfloat16 where the hardware has bfloat16.
+
+    GPUs of compute capability >= 8.0 (all of them), TPUs, and (if BFLOAT16_ON_CPU)
+    CPUs with AVX512_BF16 or AMX; float32 ("") otherwise. Decided on the machine
+    that runs, at run time. An explicit policy is returned as it is.
+    """
+    value = config.training.mixed_precision
+    if value != "auto":
+        return value
+    kind = training_device_kind(strategy)
+    if kind == "TPU":
+        return "mixed_bfloat16"
+    if kind == "GPU":
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        capabilities = [tuple(tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0)))
+                        for g in gpus]
+        return "mixed_bfloat16" if capabilities and min(capabilities) >= (8, 0) else ""
+    return "mixed_bfloat16" if BFLOAT16_ON_CPU and cpu_has_native_bfloat16() else ""
+
+
+def resolve_jit_compile(config, strategy) -> bool:
+    """config.training.jit_compile with "auto" resolved: XLA on one GPU (or TPU) only.
+
+    Off on CPUs (measured: 0.71x the step without XLA for the small CNN) and under
+    several replicas (Keras leaves XLA off under tf.distribute, the all-gather has
+    no XLA GPU kernel: keras issue 18110; LossScaleOptimizer + XLA + Mirrored fails:
+    keras issue 21366).
+    """
+    value = _JIT_VALUES.get(str(config.training.jit_compile).lower())
+    if value is None:
+        raise ValueError(f"config.training.jit_compile must be 'auto', 'on' or 'off', got {config.training.jit_compile!r}")
+    if value != "auto":
+        return value
+    return strategy.num_replicas_in_sync == 1 and training_device_kind(strategy) in ("GPU", "TPU")
+
+
+def views_on_device(config, strategy) -> bool:
+    """config.views.on_device: "auto" is on when training on GPUs or TPUs without XLA (the CPU then only decodes and crops)."""
+    value = str(config.views.on_device)
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"config.views.on_device must be 'auto', 'on' or 'off', got {value!r}")
+    if value == "auto":
+        if resolve_jit_compile(config, strategy):  # XLA cannot compile the view ops (data-dependent shapes)
+            return False
+        return training_device_kind(strategy) in ("GPU", "TPU")
+    return value == "on"
+
+
+def eval_batch_size(config) -> int:
+    """Images per evaluation batch: the training batch, at most 512, and at most 4 M pixels (83 at 224x224)."""
+    pixels = config.data.image_size ** 2
+    return max(8, min(512, config.training.batch_size, 2**22 // pixels))
+
+
+def make_views(config, seed: int | None = None):
+    from vicreg_tf import augment
+
+    size = config.data.image_size
+    presets = {"paper": augment.paper_views, "grayscale": augment.grayscale_views}
+    if config.views.preset not in presets:
+        raise ValueError(f"unknown views.preset {config.views.preset!r}; expected one of {sorted(presets)}")
+    return presets[config.views.preset](size, seed=seed)
+
+
+def make_backbone(config):
+    from vicreg_tf import backbones
+
+    size = config.data.image_size
+    kwargs = dict(config.model.backbone_kwargs)
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    return backbones.build_backbone(
+        config.model.backbone, input_shape=(size, size, config.data.channels), **kwargs
+    )
+
+
+def make_optimizer(config, steps_per_epoch: int):
+    import keras
+
+    from vicreg_tf import LARS, scaled_learning_rate, warmup_cosine
+
+    opt = config.optimizer
+    if opt.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer.name {opt.name!r}; expected one of {list(OPTIMIZERS)}")
+    peak = scaled_learning_rate(opt.base_learning_rate, config.training.batch_size)
+    total = steps_per_epoch * config.training.epochs
+    warmup = min(steps_per_epoch * opt.warmup_epochs, total - 1)
+    schedule = warmup_cosine(peak, total_steps=total, warmup_steps=warmup, final_fraction=opt.final_fraction)
+    if opt.name == "lars":
+        return LARS(learning_rate=schedule, weight_decay=opt.weight_decay, eta=opt.eta)
+    if opt.name == "adamw":
+        return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=opt.weight_decay)
+    raise ValueError(f"unknown optimizer.name {opt.name!r}; expected 'lars' or 'adamw'")
+
+
+def labelled_batches(dataset, batch_size: int, limit: int = 0):
+    """(images, labels) batches for evaluation, no augmentation."""
+    import tensorflow as tf
+
+    if limit:
+        dataset = dataset.take(limit)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def has_labels(dataset) -> bool:
+    for _, label in dataset.take(1):
+        return int(label) >= 0
+    return False
+
+
+def make_model(config, total_steps: int = 0):
+    """The configured member of the VICReg family (`config.model.method`) on the configured backbone.
+
+    Call inside `strategy.scope()`. `total_steps` (epochs x steps per epoch) sets
+    BYOL's EMA schedule; the other methods ignore it.
+    """
+    import vicreg_tf
+    from vicreg_tf.methods import METHODS
+
+    model = config.model
+    method = model.get("method", "vicreg")
+    if method not in METHODS:
+        raise ValueError(f"unknown model.method {method!r}; expected one of {', '.join(METHODS)}")
+    backbone = make_backbone(config)
+    if method == "vicreg":
+        return vicreg_tf.VICReg(
+            backbone,
+            projector=model.projector,
+            invariance_weight=model.invariance_weight,
+            variance_weight=model.variance_weight,
+            covariance_weight=model.covariance_weight,
+        )
+    if method in ("simsiam", "byol"):
+        kwargs = dict(
+            predictor=model.predictor or None,
+            variance_weight=model.regularizer_variance_weight,
+            covariance_weight=model.regularizer_covariance_weight,
+        )
+        if method == "simsiam":
+            return vicreg_tf.SimSiam(backbone, model.projector, **kwargs)
+        return vicreg_tf.BYOL(backbone, model.projector, tau_base=model.tau_base, total_steps=total_steps, **kwargs)
+    return vicreg_tf.EntropyVICReg(
+        backbone,
+        model.projector,
+        entropy=method,
+        invariance_weight=model.invariance_weight,
+        entropy_weight=model.entropy_weight,
+        beta=model.entropy_beta,
+        kernel_width=model.kernel_width,
+    )

@@ -1,0 +1,164 @@
+"""Everything that can be wrong with a setup, checked before the workdir is claimed: each error names the field."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+from .workdirs import _exists, data_location
+
+OPTIMIZERS = ("lars", "adamw")
+_POLICIES = ("auto", "", "float32", "float64", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
+# config.training.jit_compile is a string field (ml_collections keeps a field's type): "auto",
+# "on" or "off"; "true" / "false" (any case, as a command line gives them) and bools are accepted.
+_JIT_VALUES = {"auto": "auto", "on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+VERBOSE_CHOICES = ("auto", "0", "1", "2")
+
+
+def validate_config(config) -> None:
+    """Checks the values a user commonly sets, naming the field; raises ValueError. No TensorFlow.
+
+    Called first thing by vicreg-train and vicreg-eval, before anything is read or written.
+    """
+    def field(dotted):
+        value = config
+        for key in dotted.split("."):
+            value = value[key]
+        return value
+
+    def check(dotted, ok, expected):
+        value = field(dotted)
+        if not ok(value):
+            raise ValueError(f"config.{dotted} must be {expected}, got {value!r}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    positive_int = (lambda v: is_int(v) and v > 0, "a positive int")
+    count = (lambda v: is_int(v) and v >= 0, "an int >= 0")
+    for dotted, (ok, expected) in {
+        "seed": count,
+        "training.batch_size": positive_int,
+        "training.epochs": positive_int,
+        "training.steps_per_epoch": (count[0], "an int >= 0 (0: one pass over the data)"),
+        "data.image_size": positive_int,
+        "data.limit": (count[0], "an int >= 0 (0: all images)"),
+        "data.shuffle_buffer": positive_int,
+        "optimizer.warmup_epochs": count,
+        "eval.knn_every": (count[0], "an int >= 0 (0: off)"),
+        "eval.knn_max_train": count,
+        "eval.linear_epochs": positive_int,
+        "eval.fine_tune_epochs": count,
+    }.items():
+        check(dotted, ok, expected)
+    check("data.channels", lambda v: v in (1, 3, 4) and is_int(v), "1, 3 or 4")
+    check("data.source", lambda v: v in SOURCES, f"one of {list(SOURCES)}")
+    check("optimizer.name", lambda v: v in OPTIMIZERS, f"one of {list(OPTIMIZERS)}")
+    check("optimizer.base_learning_rate", lambda v: is_number(v) and v > 0, "a positive number")
+    check("optimizer.weight_decay", lambda v: is_number(v) and v >= 0, "a number >= 0")
+    check("optimizer.final_fraction", lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    if config.optimizer.name == "lars":
+        check("optimizer.eta", lambda v: is_number(v) and v > 0, "a positive number")
+    if config.optimizer.warmup_epochs > config.training.epochs:
+        raise ValueError(
+            f"config.optimizer.warmup_epochs must be at most config.training.epochs "
+            f"({config.training.epochs}), got {config.optimizer.warmup_epochs}"
+        )
+    for name in ("invariance_weight", "variance_weight", "covariance_weight"):
+        check(f"model.{name}", lambda v: is_number(v) and v >= 0, "a number >= 0")
+    check("eval.knn_k", lambda v: len(v) > 0 and all(is_int(k) and k > 0 for k in v), "a list of positive ints")
+    check("eval.label_fractions", lambda v: all(is_number(f) and 0 < f <= 1 for f in v), "fractions in (0, 1]")
+    check("training.mixed_precision", lambda v: v in _POLICIES, f"one of {list(_POLICIES)}")
+    check("training.jit_compile", lambda v: str(v).lower() in _JIT_VALUES,
+          "'auto' (XLA on for one GPU, off on CPUs and under several replicas), 'on' or 'off'")
+    if "verbose" in config.training:
+        check("training.verbose", lambda v: str(v) in VERBOSE_CHOICES,
+              "'auto' (a progress bar on a terminal, a line per epoch otherwise), 0, 1 or 2")
+    check("export.name", lambda v: isinstance(v, str) and v and "/" not in v and not v.startswith(".")
+          and not v.isdigit(), "a directory name (not all digits, no '/')")
+    if config.data.source in ("folder", "tfrecords") and not config.data.path:
+        raise ValueError(f"config.data.source={config.data.source!r} needs --config.data.path="
+                         + ("/path/to/images" if config.data.source == "folder" else "'/path/to/train-*.tfrecord'"))
+
+
+def check_data_exists(config) -> None:
+    """A folder or tfds directory that does not exist fails before anything is written.
+
+    (Missing Fashion-MNIST files are reported by the loader, which says where it looked.)
+    """
+    location = data_location(config)
+    if config.data.source in ("folder", "tfds") and location and not Path(location).is_dir():
+        raise ValueError(f"config.data.path={config.data.path!r} is not a directory ({location})")
+
+
+def check_backbone_name(config) -> None:
+    from vicreg_tf import backbones
+
+    if config.model.backbone not in backbones.BACKBONES:
+        raise ValueError(
+            f"config.model.backbone must be one of {sorted(backbones.BACKBONES)}, got {config.model.backbone!r}"
+        )
+
+
+def check_backup_loads(model, workdir: Path) -> None:
+    """A backup with no experiment.json next to it must load into `model`, or the workdir is refused."""
+    from vicreg_tf import training
+
+    backup_dir = os.path.join(workdir, "backup")
+    if _exists(os.path.join(workdir, "experiment.json")) or not _exists(os.path.join(backup_dir, "backup.json")):
+        return
+    try:
+        # Keras loads some mismatches with a warning only ("Skipping variable loading ...").
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            training.load_backup(model, backup_dir)
+        skipped = [str(w.message) for w in caught if "Skipping" in str(w.message)]
+        if skipped:
+            raise ValueError(skipped[0])
+    except Exception as error:  # Keras raises assorted types for a mismatched weights file
+        reason = " ".join(str(error).split())[:200]
+        raise ValueError(
+            f"--workdir={workdir} holds another model's backup ({backup_dir}), which does not load "
+            f"into this config's model ({type(error).__name__}: {reason}). Use a new --workdir."
+        ) from None
+
+
+def check_backbone_input(backbone, config, path) -> None:
+    """The backbone takes images of the config's size and channels."""
+    expected = (None, config.data.image_size, config.data.image_size, config.data.channels)
+    got = tuple(backbone.input_shape)
+    if got != expected:
+        raise ValueError(
+            f"backbone input {got} does not match the config's image size/channels "
+            f"{expected[1:]} ({path}; set --config.data.image_size/--config.data.channels or use "
+            "the config it was trained with)"
+        )
+
+
+def diverged_message(error: BaseException, workdir: Path, config) -> str | None:
+    """One line (plus a hint) for a run stopped by a non-finite step; None for other errors."""
+    import tensorflow as tf
+
+    from vicreg_tf import model, training
+
+    if isinstance(error, tf.errors.InvalidArgumentError):
+        if model.NON_FINITE_STEP_MESSAGE.split(":")[0] not in str(error):
+            return None
+    elif not isinstance(error, FloatingPointError):
+        return None
+    epoch = training.read_backup_epoch(os.path.join(workdir, "backup"))
+    last = (f"the last good backup is epoch {epoch} in {os.path.join(workdir, 'backup')}" if epoch
+            else "no epoch finished, so there is no backup")
+    return (
+        f"training diverged in epoch {epoch + 1}: a step's loss or gradients were not finite (NaN or Inf); "
+        f"the step was not applied and nothing was saved or exported; {last}.\n"
+        f"hint: start a new --workdir with a lower --config.optimizer.base_learning_rate "
+        f"(now {config.optimizer.base_learning_rate}), or check the images for NaN/Inf"
+    )
+
+
+SOURCES = ("fashion_mnist", "tfds", "folder", "tfrecords")
