@@ -37,6 +37,8 @@ import math
 import keras
 import tensorflow as tf
 
+from vicreg_tf.data.images import _image_size
+
 __all__ = [
     "RandomResizedCrop",
     "RandomHorizontalFlip",
@@ -55,21 +57,6 @@ _INT32_MAX = 2**31 - 1
 
 
 # -- argument checks -----------------------------------------------------------
-
-
-def _image_size(image_size) -> tuple[int, int]:
-    """int or (height, width) -> (height, width), positive ints."""
-    size = (image_size, image_size) if isinstance(image_size, int) and not isinstance(image_size, bool) else image_size
-    try:
-        height, width = size
-        ok = all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in (height, width))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"image_size must be a positive int or a (height, width) pair of positive ints, got {image_size!r}"
-        )
-    return int(height), int(width)
 
 
 def _probability(name: str, value) -> float:

@@ -72,40 +72,20 @@ def from_folder(
     >>> ds = from_folder("photos/", (64, 64))  # doctest: +SKIP
     """
     size = _image_size(image_size)
-    channels = _channels(channels)
-    if labels not in ("auto", "folders", "none"):
-        raise ValueError(f"labels must be 'auto', 'folders' or 'none', got {labels!r}")
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
-    files = _list_images(root)
-    if not files:
-        raise ValueError(
-            f"no image files under {str(root)!r} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
-        )
-    relative = [f.relative_to(root) for f in files]
-    in_subfolders = all(len(r.parts) >= 2 for r in relative)
-    if labels == "folders" and not in_subfolders:
-        loose = [str(r) for r in relative if len(r.parts) < 2][:3]
-        raise ValueError(f"labels='folders' needs every image inside a class sub-folder of {root}; found {loose}")
-    if labels != "none" and in_subfolders:
-        classes = sorted({r.parts[0] for r in relative})
-        class_ids = {c: k for k, c in enumerate(classes)}
-        targets = np.array([class_ids[r.parts[0]] for r in relative], np.int32)
-    else:
-        targets = np.full(len(files), NO_LABEL, np.int32)
-    names = [str(f) for f in files]
+    source = FolderSource(path, channels, labels=labels)  # lists the files and their labels
+    channels = source.channels
+    names, targets = source.names, source.labels
     if validate:
         ok = _readable(names, channels)
-        bad = [str(r) for r, good in zip(relative, ok) if not good]
+        bad = [os.path.relpath(n, path) for n, good in zip(names, ok) if not good]
         if bad:
             shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
             warnings.warn(
-                f"from_folder({str(root)!r}): skipped {len(bad)} unreadable of {len(files)} image files: {shown}",
+                f"from_folder({str(path)!r}): skipped {len(bad)} unreadable of {len(names)} image files: {shown}",
                 stacklevel=2,
             )
         if not ok.any():
-            raise ValueError(f"none of the {len(files)} image files under {str(root)!r} could be decoded")
+            raise ValueError(f"none of the {len(names)} image files under {str(path)!r} could be decoded")
         names = [n for n, good in zip(names, ok) if good]
         targets = targets[ok]
 
@@ -168,7 +148,7 @@ class FolderSource(_Source):
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = _list_images(root)
         if not files:
             raise ValueError(
                 f"no image files under {str(root)!r} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"

@@ -13,6 +13,28 @@ from vicreg_tf.data.base import _Source
 from vicreg_tf.data.images import NO_LABEL, _channels, _image_size, _to_channels, eval_transform
 
 
+def _tfds_builder(name: str, data_dir, image_key: str | None):
+    """(builder, its features, the image feature's key), or a ValueError naming what is wrong."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
+    except tfds.core.registered.DatasetNotFoundError as error:
+        raise ValueError(
+            f"{name!r} is not a registered tfds dataset; see tfds.list_builders() for the names "
+            f"(e.g. 'cifar10', 'imagenet2012'). tfds said: {str(error).splitlines()[0]}"
+        ) from None
+    features = builder.info.features
+    image_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+    if image_key is None:
+        if len(image_keys) != 1:
+            raise ValueError(f"{name}: cannot tell the image feature among {image_keys}; pass image_key=")
+        image_key = image_keys[0]
+    elif image_key not in features:
+        raise ValueError(f"image_key {image_key!r} is not a feature of {name}; features: {list(features)}")
+    return builder, features, image_key
+
+
 def from_tfds(
     name: str,
     split: str = "train",
@@ -44,26 +66,11 @@ def from_tfds(
     Example:
     >>> train = from_tfds("cifar10", "train", image_size=(32, 32))  # doctest: +SKIP
     """
-    import tensorflow_datasets as tfds
 
     size = None if image_size is None else _image_size(image_size)
     if channels is not None:
         channels = _channels(channels)
-    try:
-        builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
-    except tfds.core.registered.DatasetNotFoundError as error:
-        raise ValueError(
-            f"{name!r} is not a registered tfds dataset; see tfds.list_builders() for the names "
-            f"(e.g. 'cifar10', 'fashion_mnist'). tfds said: {str(error).splitlines()[0]}"
-        ) from None
-    features = builder.info.features
-    image_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
-    if image_key is None:
-        if len(image_keys) != 1:
-            raise ValueError(f"{name}: cannot tell the image feature among {image_keys}; pass image_key=")
-        image_key = image_keys[0]
-    elif image_key not in features:
-        raise ValueError(f"image_key {image_key!r} is not a feature of {name}; features: {list(features)}")
+    builder, features, image_key = _tfds_builder(name, data_dir, image_key)
     if size is None and None in tuple(features[image_key].shape[:2]):
         raise ValueError(f"{name} images have no fixed size {features[image_key].shape}; pass image_size=(h, w)")
     has_label = label_key is not None and label_key in features
@@ -145,13 +152,7 @@ class RecordSource(_Source):
         import tensorflow_datasets as tfds
 
         channels = _channels(channels)
-        try:
-            builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
-        except tfds.core.registered.DatasetNotFoundError as error:
-            raise ValueError(
-                f"{name!r} is not a registered tfds dataset; see tfds.list_builders() for the names "
-                f"(e.g. 'cifar10', 'imagenet2012'). tfds said: {str(error).splitlines()[0]}"
-            ) from None
+        builder, features, image_key = _tfds_builder(name, data_dir, image_key)
         if not builder.is_prepared():
             where = builder.data_dir
             raise ValueError(
@@ -160,14 +161,6 @@ class RecordSource(_Source):
                 f"(ImageNet needs its tar files in <data_dir>/downloads/manual first), or pass data_dir= "
                 "to the folder that holds it."
             )
-        features = builder.info.features
-        image_keys = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
-        if image_key is None:
-            if len(image_keys) != 1:
-                raise ValueError(f"{name}: cannot tell the image feature among {image_keys}; pass image_key=")
-            image_key = image_keys[0]
-        elif image_key not in features:
-            raise ValueError(f"image_key {image_key!r} is not a feature of {name}; features: {list(features)}")
         has_label = label_key is not None and label_key in features
         count = int(builder.info.splits[split].num_examples)
         try:
