@@ -12,7 +12,7 @@ FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
 	# PyTorch only reads .pth checkpoints (vicreg-import and its tests); pinned to the CPU
 	# build these machines carry in /opt/wheels, since a bare "torch" resolves to a CUDA build of GBs.
 	$(PY) -m pip install -q "torch==2.13.0"
