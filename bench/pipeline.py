@@ -149,7 +149,7 @@ def main(argv=None) -> list[dict]:
     import keras
     import keras_cv
 
-    from vicreg_tf import augment
+    from vicreg_tf import augment, kerascv_pipeline
 
     size = args.batch_size
     rows = [
@@ -158,9 +158,9 @@ def main(argv=None) -> list[dict]:
     ]
     if not args.skip_kerascv:
         rows += [
-            views_rate("kerascv_views paper (KerasCV layers)", augment.kerascv_views(32), (32, 32, 3), size,
+            views_rate("kerascv_views paper (KerasCV layers)", kerascv_pipeline.kerascv_views(32), (32, 32, 3), size,
                        args.kerascv_batches, warmup=1),
-            views_rate("kerascv_views grayscale (KerasCV layers)", augment.kerascv_views(28, preset="grayscale"),
+            views_rate("kerascv_views grayscale (KerasCV layers)", kerascv_pipeline.kerascv_views(28, preset="grayscale"),
                        (28, 28, 1), size, args.kerascv_batches, warmup=1),
         ]
     rows.append(train_rate(size, args.train_steps))
