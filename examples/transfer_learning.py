@@ -26,13 +26,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vicreg_tf import data  # noqa: E402
+from vicreg_tf import data  # noqa: E402  first: it decides TensorFlow's oneDNN default
 from vicreg_tf.transfer import load_backbone, set_trainable  # noqa: E402
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def fashion_mnist(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
