@@ -57,7 +57,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     if config.training.deterministic:
         build.make_deterministic()  # before the first TensorFlow op
     strategy = build.make_strategy()
-    build.make_views(config, seed=config.seed)  # an unknown views.preset fails here
+    views = build.make_views(config, seed=config.seed)  # an unknown views.preset fails here
     source = build.load_source(config, config.data.train_split)
     count = source.count
     batch_size = config.training.batch_size
@@ -80,7 +80,6 @@ def train(config, workdir: str | os.PathLike) -> dict:
     # Epochs done, and steps done of the next one (a run stopped by SIGTERM backs up mid-epoch).
     start_epoch, start_step = training.read_backup_position(backup_dir)
     epochs = config.training.epochs
-    views = build.make_views(config, seed=config.seed)
     on_device = build.views_on_device(config, strategy)
 
     def make_dataset(first_epoch, first_step=0):
