@@ -20,26 +20,7 @@ from vicreg_tf import (
 from vicreg_tf.losses import entropy_loss
 from vicreg_tf.methods import METHODS, byol_target_decay
 
-
-def _mlp(input_dim=16, width=32):
-    inputs = keras.Input((input_dim,))
-    x = keras.layers.Dense(width)(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU()(x)
-    return keras.Model(inputs, x)
-
-
-def _cluster_views(n=256, dim=16, clusters=8, noise=0.3, seed=0):
-    """Points around a few cluster centres; the two views are independent noisy copies."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim)) * 2.0
-    base = centres[rng.integers(clusters, size=n)]
-    view = lambda: (base + noise * rng.normal(size=base.shape)).astype(np.float32)
-    return view(), view()
-
-
-def _dataset(views, batch_size=32):
-    return tf.data.Dataset.from_tensor_slices(views).batch(batch_size, drop_remainder=True)
+from test_model import _cluster_views, _dataset, _mlp  # the toy data and encoder VICReg's tests use
 
 
 # -- NumPy float64 references ---------------------------------------------------------

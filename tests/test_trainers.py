@@ -88,7 +88,7 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
     config = _config("tiny")
     config.data.path = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        build.load_images(config, "train")
+        build.load_source(config, "train")
 
 
 def test_tiny_run_trains_evaluates_and_exports(tmp_path):

@@ -91,12 +91,6 @@ def load_source(config, split: str):
     return source
 
 
-def load_images(config, split: str):
-    """Evaluation images of `split`: unbatched (image in [0, 1], label) pairs (resize + center crop), and their count."""
-    source = load_source(config, split)
-    return source.images(config.data.image_size), source.count
-
-
 # mixed_bfloat16 for "auto" on CPUs with native bfloat16 (AVX512_BF16 / AMX)? Off: faster (1.4-1.9x
 # the small-CNN step, 1.24x wall end to end on shared cores) but the Fashion-MNIST recipe lost 0.51
 # points linear against float32 with the same seed (configs/fashion_mnist.py, PRECISION).
@@ -231,12 +225,6 @@ def labelled_batches(dataset, batch_size: int, limit: int = 0):
     if limit:
         dataset = dataset.take(limit)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def has_labels(dataset) -> bool:
-    for _, label in dataset.take(1):
-        return int(label) >= 0
-    return False
 
 
 def make_model(config, total_steps: int = 0):

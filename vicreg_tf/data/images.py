@@ -96,15 +96,6 @@ def _decode_full(contents: tf.Tensor, channels: int) -> tf.Tensor:
     return tf.image.rgb_to_grayscale(image) if channels == 1 else image
 
 
-def encoded_shape(contents: tf.Tensor, channels: int) -> tf.Tensor:
-    """(height, width) of an encoded image: from the JPEG header alone, else by decoding."""
-    return tf.cond(
-        _is_jpeg(contents),
-        lambda: tf.image.extract_jpeg_shape(contents)[:2],
-        lambda: tf.shape(_decode_full(contents, channels))[:2],
-    )
-
-
 def _resize_uint8(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
     resized = tf.image.resize(tf.cast(image, tf.float32), size, method="bilinear", antialias=True)
     return tf.cast(tf.round(tf.clip_by_value(resized, 0.0, 255.0)), tf.uint8)
