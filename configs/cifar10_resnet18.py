@@ -3,7 +3,9 @@
 Command:  vicreg-train --config=configs/cifar10_resnet18.py --workdir=runs/cifar10
           (the data comes from tensorflow-datasets: `cifar10`; set --config.data.path to a tfds
           data_dir holding a prepared copy on machines without internet)
-Hardware: one or more GPUs (MirroredStrategy picks all visible GPUs).
+Hardware: one or more GPUs. "auto" (trainers/build.py): one GPU: the default strategy, XLA on, views
+          on the host, mixed_bfloat16 on compute capability >= 8.0 (float32 below); several GPUs:
+          MirroredStrategy over all visible GPUs, XLA off, the views' second stage on the GPUs.
 Reference: solo-learn reports 92.07% linear top-1 after 1000 epochs with this network;
 not measured here (no GPU and no CIFAR-10 download on the development machine).
 """

@@ -2,7 +2,9 @@
 
 Command:  vicreg-train --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
           vicreg-eval --backbone=runs/fashion_mnist/backbone.keras --config=configs/fashion_mnist.py
-Hardware: 2 CPU cores, no GPU (the CI machine).
+Hardware: 2 CPU cores, no GPU (the CI machine): float32, XLA off, views on the host. On one GPU
+          "auto" gives the default strategy with XLA, host views and mixed_bfloat16 (compute
+          capability >= 8.0); on several GPUs MirroredStrategy, no XLA, views on the GPUs.
 Data:     local IDX files (`apt-get install dataset-fashion-mnist`), 60000 train / 10000 test.
 Runtime and result: 25.7 min on 2 CPU cores (`make demo`); 87.8% linear probe, 87.4% kNN-20
           (random weights: 81.9% / 80.6%; RESULTS below).
@@ -93,10 +95,11 @@ def get_config() -> ml_collections.ConfigDict:
     # On CPUs "auto" stays float32: measured with the same seed (PRECISION below), mixed_bfloat16 trained
     # 1.24x faster end to end but lost 0.51 points linear (kNN-20 0.12), over the ~0.5 we accept.
     config.training.mixed_precision = "auto"
-    # XLA: auto | on | off. "auto" is on for one GPU or TPU, off on CPUs (measured 0.71x the step
-    # without XLA on the 2-core CPU) and under several replicas (Keras turns XLA off under
-    # tf.distribute, the all-gather has no XLA GPU kernel: keras issue 18110; LossScaleOptimizer
-    # + XLA + MirroredStrategy fails: keras issue 21366). views.on_device "auto" follows it.
+    # XLA: auto | on | off. "auto" is on for one GPU or TPU (the default strategy, views on the host),
+    # off on CPUs (measured 0.71x the step without XLA on the 2-core CPU) and under several replicas
+    # (Keras compiles every local replica as one XLA cluster, which cannot read the other devices'
+    # variables; across workers the step traces but is unproven on GPUs: docs/DISTRIBUTED.md).
+    # "on" where XLA cannot work is an error. views.on_device "auto" follows it.
     config.training.jit_compile = "auto"
     config.training.deterministic = False  # bitwise-reproducible: op determinism + 1 inter-op thread (slower)
     config.training.verbose = "auto"  # auto: a progress bar on a terminal, a line per epoch in logs | 0 | 1 | 2

@@ -8,6 +8,9 @@ Data:     streams from disk at any size (docs/DATA.md): file names are shuffled,
           crop is taken from the original photo (JPEG: only that window is decoded), unreadable
           files are counted and reported once per epoch, nothing is decoded up front.
 Hardware: a GPU is advisable; on a 2-core CPU, expect a few images per second per core at 64x64.
+          "auto" (trainers/build.py): one GPU: XLA on, views on the host, mixed_bfloat16 on compute
+          capability >= 8.0 (float32 below); several GPUs: XLA off, the views' second stage on the
+          GPUs, same precision; CPU: float32, XLA off, views on the host.
 Result: depends on your data; watch embedding_std and the spectrum plot for collapse.
 """
 import ml_collections
@@ -24,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.train_split = "train"  # the files not held out
     config.data.eval_split = "eval"  # data.eval_fraction of the files, or data.eval_path
     config.training.epochs = 200
-    config.training.mixed_precision = ""
-    config.training.jit_compile = "off"
+    config.training.mixed_precision = "auto"
+    config.training.jit_compile = "auto"
     config.optimizer.warmup_epochs = 5
     return config

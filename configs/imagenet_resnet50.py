@@ -4,6 +4,14 @@ Command:  vicreg-train --config=configs/imagenet_resnet50.py --workdir=runs/imag
           (tfds `imagenet2012` must be prepared manually in --config.data.path; multi-host
           runs set TF_CONFIG, see docs/DISTRIBUTED.md)
 Hardware: the paper used 32 V100 GPUs (about 2 days per 100 epochs on 8 GPUs in the official repo).
+          What "auto" chooses (trainers/build.py, docs/DISTRIBUTED.md):
+          - one GPU: the default strategy, XLA on, views on the host, mixed_bfloat16 on compute
+            capability >= 8.0 (A100, H100, L4, RTX 30xx/40xx), float32 below;
+          - several GPUs (one host or many): MirroredStrategy / MultiWorkerMirroredStrategy, XLA off,
+            views' second stage on the GPUs, mixed_bfloat16 as above;
+          - CPU: float32, XLA off, views on the host.
+Backbone: ResNet-50 v1.5 as torchvision builds it (`resnet50_torchvision`: stride on the 3x3, BN eps
+          1e-5), the paper's and the one `vicreg-import` reads the official weights into.
 Reference: 73.2% ImageNet linear top-1 (paper, Table 1); not measured here.
 The learning rate is base 0.2 x batch / 256 at batch 2048. For other batch sizes the paper's
 100-epoch table (Appendix) gives the base rate: `base_learning_rate_for_batch` below.
@@ -36,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.channels = 3
     config.data.shuffle_buffer = 10000  # encoded JPEGs, ~110 kB each: ~1.1 GB of host memory
     config.views.preset = "paper"
-    config.model.backbone = "resnet50"
+    config.model.backbone = "resnet50_torchvision"
     config.model.backbone_kwargs = ml_collections.ConfigDict({})
     config.model.projector = "8192-8192-8192"
     config.optimizer.name = "lars"
@@ -47,11 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.final_fraction = 0.001
     config.training.batch_size = 2048
     config.training.epochs = 1000
-    config.training.mixed_precision = "auto"  # mixed_bfloat16 on A100/H100 (fashion_mnist.py says when)
-    # Off: Keras leaves XLA off under tf.distribute, the all-gather has no XLA GPU kernel
-    # (keras issue 18110), and the views' second stage runs in the train step on the GPUs
-    # (views.on_device "auto"), whose ops have data-dependent shapes.
-    config.training.jit_compile = "off"
+    config.training.mixed_precision = "auto"  # mixed_bfloat16 on GPUs >= 8.0 and TPUs, float32 elsewhere
+    config.training.jit_compile = "auto"  # on for one GPU (views on the host), off under several replicas
     config.eval.knn_every = 0
     config.eval.linear_epochs = 100
     return config

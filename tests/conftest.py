@@ -29,6 +29,11 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--gpu-matrix", default="covering", choices=("covering", "full"),
+                     help="tests/test_gpu_paths.py: a covering subset of the GPU-path matrix (default) or all cells")
+
+
 def run_python(args, *, timeout: float, env: dict | None = None, cwd=None):
     """Runs `python ARGS` in a fresh process with the repo on PYTHONPATH."""
     full_env = dict(os.environ)

@@ -36,7 +36,13 @@ def make_deterministic() -> None:
 
 
 def make_strategy():
-    """MultiWorkerMirrored under TF_CONFIG or a multi-task Slurm step, Mirrored over all GPUs, else the default."""
+    """MultiWorkerMirrored under TF_CONFIG or a multi-task Slurm step, Mirrored over two or more GPUs, else the default.
+
+    One GPU gets the default strategy, not MirroredStrategy over it: the step then
+    has no collectives (Mirrored adds an all-reduce of the gradients, an all-gather
+    of the embeddings and one per synchronized BatchNorm, all of one replica), XLA
+    compiles all of it, and it is the faster of the two (docs/DISTRIBUTED.md).
+    """
     import tensorflow as tf
 
     from . import cluster
@@ -46,7 +52,7 @@ def make_strategy():
     if cluster.in_slurm_job():  # srun with several tasks and no TF_CONFIG
         return cluster.multi_worker_strategy(cluster.slurm_cluster_resolver())
     gpus = tf.config.list_logical_devices("GPU")
-    if gpus:
+    if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([d.name for d in gpus])
     return tf.distribute.get_strategy()
 
@@ -135,41 +141,110 @@ def resolve_mixed_precision(config, strategy) -> str:
     if kind == "TPU":
         return "mixed_bfloat16"
     if kind == "GPU":
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        capabilities = [tuple(tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0)))
-                        for g in gpus]
+        capabilities = gpu_capabilities()
         return "mixed_bfloat16" if capabilities and min(capabilities) >= (8, 0) else ""
     return "mixed_bfloat16" if BFLOAT16_ON_CPU and cpu_has_native_bfloat16() else ""
 
 
+def check_precision(precision: str, strategy) -> None:
+    """A one-line error for a dtype policy this hardware cannot train in, naming what to use instead."""
+    if precision == "mixed_bfloat16" and training_device_kind(strategy) == "GPU":
+        oldest = min(gpu_capabilities(), default=(0, 0))
+        if oldest < (8, 0):
+            raise ValueError(
+                f"config.training.mixed_precision=mixed_bfloat16 needs GPUs of compute capability 8.0 or newer "
+                f"(Ampere), this one is {oldest[0]}.{oldest[1]}: use mixed_float16 (or auto)")
+
+
+def gpu_capabilities() -> list[tuple[int, int]]:
+    import tensorflow as tf
+
+    return [tuple(tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0)))
+            for g in tf.config.list_physical_devices("GPU")]
+
+
 def resolve_jit_compile(config, strategy) -> bool:
-    """config.training.jit_compile with "auto" resolved: XLA on one GPU (or TPU) only.
+    """config.training.jit_compile with "auto" resolved: XLA on one GPU (or TPU), with the views on the host.
 
     Off on CPUs (measured: 0.71x the step without XLA for the small CNN) and under
-    several replicas (Keras leaves XLA off under tf.distribute, the all-gather has
-    no XLA GPU kernel: keras issue 18110; LossScaleOptimizer + XLA + Mirrored fails:
-    keras issue 21366).
+    several replicas in a worker or across workers. An explicit "on" where XLA
+    cannot compile the step (views made on the device; several replicas in one
+    worker, `vicreg_tf.model.xla_refusal`) is a one-line error naming what works.
     """
     value = _JIT_VALUES.get(str(config.training.jit_compile).lower())
     if value is None:
         raise ValueError(f"config.training.jit_compile must be 'auto', 'on' or 'off', got {config.training.jit_compile!r}")
-    if value != "auto":
-        return value
-    return strategy.num_replicas_in_sync == 1 and training_device_kind(strategy) in ("GPU", "TPU")
+    views = _views_value(config)
+    if value is True:
+        from vicreg_tf.model import xla_refusal
+
+        refusal = xla_refusal(views == "on", strategy)
+        if refusal:
+            raise ValueError(f"config.training.jit_compile=on cannot work here: {refusal}; "
+                             "use --config.training.jit_compile=auto")
+        return True
+    if value is False:
+        return False
+    return (strategy.num_replicas_in_sync == 1 and training_device_kind(strategy) in ("GPU", "TPU")
+            and views != "on")
+
+
+def _views_value(config) -> str:
+    value = str(config.views.on_device)
+    if value not in ("auto", "on", "off"):
+        raise ValueError(f"config.views.on_device must be 'auto', 'on' or 'off', got {value!r}")
+    return value
 
 
 def views_on_device(config, strategy) -> bool:
     """config.views.on_device: "auto" is on when training on GPUs or TPUs without XLA (the CPU then only decodes and crops)."""
-    value = str(config.views.on_device)
-    if value not in ("auto", "on", "off"):
-        raise ValueError(f"config.views.on_device must be 'auto', 'on' or 'off', got {value!r}")
+    value = _views_value(config)
     if value == "auto":
         if resolve_jit_compile(config, strategy):  # XLA cannot compile the view ops (data-dependent shapes)
             return False
         return training_device_kind(strategy) in ("GPU", "TPU")
     return value == "on"
+
+
+def describe_devices(strategy) -> str:
+    """What the replicas run on: "1 x NVIDIA A100-SXM4-40GB (compute capability 8.0)" or the CPU's model and flags."""
+    import tensorflow as tf
+
+    kind = training_device_kind(strategy)
+    if kind == "GPU":
+        names = []
+        for gpu in tf.config.list_physical_devices("GPU"):
+            details = tf.config.experimental.get_device_details(gpu)
+            capability = ".".join(str(v) for v in details.get("compute_capability", ()))
+            names.append(f"{details.get('device_name', gpu.name)} (compute capability {capability or '?'})")
+        counted = {name: names.count(name) for name in names}
+        return ", ".join(f"{count} x {name}" for name, count in counted.items())
+    if kind == "TPU":
+        return f"{strategy.num_replicas_in_sync} x TPU"
+    model, flags = "CPU", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), model)
+        present = set(info.split())
+        flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in present]
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores of {model}" + (f" ({', '.join(flags)})" if flags else "")
+
+
+def describe_setup(config, strategy, precision: str, jit_compile: bool, on_device: bool) -> str:
+    """vicreg-train's first line: devices, precision, XLA, replicas, where the views run, the batch."""
+    import tensorflow as tf
+
+    replicas = strategy.num_replicas_in_sync
+    batch = config.training.batch_size
+    kind = "default strategy" if strategy is tf.distribute.get_strategy() and not tf.distribute.has_strategy() \
+        else type(strategy).__name__
+    return (f"devices: {describe_devices(strategy)} | precision: {precision or 'float32'} | "
+            f"XLA: {'on' if jit_compile else 'off'} | replicas: {replicas} ({kind}) | "
+            f"views: {'on the device' if on_device else 'on the host'} | "
+            f"batch: {batch} global, {batch // max(1, replicas)} per replica")
 
 
 def eval_batch_size(config) -> int:
