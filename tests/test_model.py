@@ -385,3 +385,83 @@ def test_uint8_images_raise_saying_divide_by_255(entry):
 def test_a_single_image_without_batch_axis_names_the_expected_shape():
     with pytest.raises(ValueError, match=r"\(None, 28, 28, 1\), got shape \(28, 28, 1\)"):
         _small_model()(_images(1)[0])
+
+
+# --------------------------------------------------------------------------- backbone kinds (issue 24)
+
+
+@keras.saving.register_keras_serializable(package="vicreg_tf_tests")
+class SubclassedEncoder(keras.Model):
+    def __init__(self, width=16, **kwargs):
+        super().__init__(**kwargs)
+        self.width = width
+        self.dense = keras.layers.Dense(width)
+        self.norm = keras.layers.BatchNormalization()
+
+    def call(self, x, training=False):
+        return keras.ops.relu(self.norm(self.dense(x), training=training))
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width}
+
+
+def _token_encoder():
+    tokens = keras.Input((6,), dtype="int32")
+    x = keras.layers.Embedding(50, 8)(tokens)
+    return keras.Model(tokens, keras.layers.Dense(16)(keras.layers.GlobalAveragePooling1D()(x)))
+
+
+def _vector_views(n=32, dim=20, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x, (x + 0.1 * rng.normal(size=x.shape)).astype(np.float32)
+
+
+def _backbone_kinds():
+    images = np.random.default_rng(1).uniform(size=(16, 32, 32, 3)).astype(np.float32)
+    tokens = np.random.default_rng(2).integers(0, 50, (16, 6)).astype(np.int32)
+    vectors = _vector_views()
+    return {
+        "functional": (lambda: _mlp(20, 16), {}, vectors),
+        "sequential": (lambda: keras.Sequential([keras.Input((20,)), keras.layers.Dense(16)]), {}, vectors),
+        "sequential_without_input": (lambda: keras.Sequential([keras.layers.Dense(16)]), {}, vectors),
+        "subclassed": (lambda: SubclassedEncoder(16), {}, vectors),
+        "keras_applications": (
+            lambda: keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), include_top=False, weights=None,
+                                                        pooling="avg", include_preprocessing=False, minimalistic=True),
+            {}, (images, images[::-1].copy())),
+        "second_modality_vectors": (
+            lambda: small_cnn((32, 32, 3), widths=(4, 8)), {"second_backbone": lambda: _mlp(20, 16)},
+            (images, vectors[0][:16])),
+        "second_modality_token_ids": (
+            lambda: small_cnn((32, 32, 3), widths=(4, 8)), {"second_backbone": _token_encoder}, (images, tokens)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_backbone_kinds()))
+def test_every_kind_of_backbone_fits_saves_and_reloads(kind, tmp_path):
+    make_backbone, extra, views = _backbone_kinds()[kind]
+    keras.utils.set_random_seed(0)
+    model = VICReg(make_backbone(), projector="32-32", **{k: v() for k, v in extra.items()})
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    dataset = tf.data.Dataset.from_tensors(views).repeat()
+    history = model.fit(dataset, steps_per_epoch=2, epochs=1, verbose=0).history
+    assert math.isfinite(history["loss"][-1]), history
+    assert int(model.optimizer.iterations.numpy()) == 2  # applied, not skipped
+    features = model.predict(views[0][:4], verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(reloaded.predict(views[0][:4], verbose=0), features, rtol=1e-5, atol=1e-6)
+    if "second_backbone" in extra:
+        assert reloaded.second_backbone is not None
+    reloaded.compile(optimizer=keras.optimizers.Adam(1e-3))
+    assert math.isfinite(reloaded.fit(dataset, steps_per_epoch=1, verbose=0).history["loss"][0])
+
+
+def test_grayscale_batch_without_channel_axis_is_told_to_add_one():
+    model = VICReg(small_cnn((28, 28, 1), widths=(4, 8)), projector="16-16")
+    with pytest.raises(ValueError, match=r"add one: x\[\.\.\., None\]"):
+        model(np.zeros((4, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"add a batch axis: x\[None\]"):
+        VICReg(small_cnn((28, 28, 3), widths=(4, 8)), projector="16-16")(np.zeros((28, 28, 3), np.float32))

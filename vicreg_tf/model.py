@@ -34,12 +34,24 @@ NON_FINITE_STEP_MESSAGE = (
 )
 
 
-def _feature_shape(backbone) -> tuple | None:
-    """The backbone's output shape when it is known without data (functional models)."""
+def _feature_shape(backbone, input_spec=None) -> tuple | None:
+    """The backbone's output shape (N, F) without data: from a functional model's output, else traced
+    symbolically from its input shape (a Sequential with an Input) or from `input_spec` (a first batch)."""
     try:
         shape = tuple(backbone.output.shape)
     except (AttributeError, ValueError):
-        return None
+        shape = None
+    if shape is None:
+        spec = input_spec
+        if spec is None:
+            input_shape = _input_shape(backbone)
+            spec = keras.KerasTensor(input_shape, dtype=_input_dtype(backbone)) if input_shape else None
+        if spec is None:
+            return None
+        try:
+            shape = tuple(backbone.compute_output_spec(spec).shape)
+        except Exception:  # noqa: BLE001  a model that cannot trace symbolically: built on the first batch
+            return None
     return shape if len(shape) == 2 and shape[-1] is not None else None
 
 
@@ -254,11 +266,35 @@ class VICReg(keras.Model):
         if self.second_backbone is not None:
             pairs.append((self.second_backbone, self.second_projector))
         for backbone, projector in pairs:
-            shape = _feature_shape(backbone)
-            if shape is not None and not projector.built:
-                projector.build(shape)
+            if not projector.built:
+                shape = _feature_shape(backbone)
+                if shape is not None:
+                    projector.build(shape)
         # Keras reloads optimizer slots from a .keras file only into a built model.
         self.built = all(layer.built for backbone_projector in pairs for layer in backbone_projector)
+
+    def _build_from_views(self, data) -> None:
+        """Builds what __init__ could not (a backbone whose input shape is not declared) from a batch's shapes."""
+        if all(layer.built for layer in self._flatten_layers(include_self=False)):
+            return
+        specs = _view_specs(data)
+        if specs is None:
+            return
+        pairs = [(self.backbone, self.projector, specs[0])]
+        pairs.append((self.second_backbone or self.backbone, self.second_projector or self.projector, specs[1]))
+        for backbone, projector, spec in pairs:
+            if not projector.built:  # tracing the backbone symbolically also builds it
+                shape = _feature_shape(backbone, spec)
+                if shape is None:
+                    raise ValueError(
+                        f"VICReg cannot tell the backbone's output shape for inputs {_shape_text(spec.shape)}; "
+                        "give the backbone a keras.Input or build it first: backbone.build(input_shape)")
+                projector.build(shape)
+        self._build_extra(specs)
+        self.built = True
+
+    def _build_extra(self, specs) -> None:
+        """Layers a subclass adds beyond the backbones and expanders (e.g. a predictor): built here."""
 
     def build(self, input_shape):
         if not self.backbone.built:
@@ -272,24 +308,51 @@ class VICReg(keras.Model):
         self._check_images(inputs, "images")
         return self.backbone(inputs, training=training)
 
-    def _check_images(self, images, name: str) -> None:
-        """Static checks at the model's entry: float images, with a batch axis."""
+    def _check_images(self, images, name: str, encoder=None) -> None:
+        """Static checks at an encoder's entry: float images (where it takes floats), with a batch axis."""
+        encoder = encoder or self.backbone
         dtype = getattr(images, "dtype", None)
-        if dtype is not None and not _is_float_dtype(dtype):
+        expected_dtype = _input_dtype(encoder)
+        if dtype is not None and not _is_float_dtype(dtype) and _is_float_dtype(expected_dtype):
             raise TypeError(
                 f"VICReg takes float images in [0, 1], got {_dtype_name(dtype)} {name}; divide by 255 "
                 "(vicreg_tf.data.from_arrays does)"
             )
-        expected = _input_shape(self.backbone)
+        expected = _input_shape(encoder)
         shape = getattr(images, "shape", None)
         if expected is None or shape is None or getattr(shape, "rank", len(shape)) is None:
             return
         if len(shape) != len(expected):
-            hint = " (a single image? add a batch axis: x[None])" if len(shape) == len(expected) - 1 else ""
+            hint = ""
+            if len(shape) == len(expected) - 1:
+                shape_tail, expected_tail = tuple(shape[1:]), tuple(expected[1:-1])
+                if expected[-1] == 1 and shape_tail == expected_tail:
+                    hint = " (grayscale images without a channel axis? add one: x[..., None])"
+                else:
+                    hint = " (a single image? add a batch axis: x[None])"
+            which = "backbone" if encoder is self.backbone else "second backbone"
             raise ValueError(
-                f"VICReg's backbone expects {name} of shape {_shape_text(expected)}, got shape "
+                f"VICReg's {which} expects {name} of shape {_shape_text(expected)}, got shape "
                 f"{_shape_text(shape)}{hint}"
             )
+
+    # XLA where it can compile this model's step (`xla_refusal`): "auto" resolves to off where it
+    # cannot work; an explicit jit_compile=True there raises a one-line ValueError in compile().
+    @property
+    def jit_compile(self):
+        return keras.Model.jit_compile.fget(self)
+
+    @jit_compile.setter
+    def jit_compile(self, value):
+        refusal = xla_refusal(getattr(self, "device_views", None) is not None, tf.distribute.get_strategy())
+        if value and refusal:
+            raise ValueError(f"jit_compile=True cannot work here: {refusal}; use jit_compile=False")
+        keras.Model.jit_compile.fset(self, value)
+
+    def _resolve_auto_jit_compile(self):
+        if xla_refusal(getattr(self, "device_views", None) is not None, tf.distribute.get_strategy()):
+            return False
+        return super()._resolve_auto_jit_compile()
 
     @property
     def metrics(self):
@@ -335,7 +398,7 @@ class VICReg(keras.Model):
                 f"view_a {a_shape} and view_b {b_shape}"
             )
         self._check_images(view_a, "view_a")
-        self._check_images(view_b, "view_b")
+        self._check_images(view_b, "view_b", self.second_backbone)
         if self.jit_compile:  # XLA compiles no in-graph assertions; the static checks above remain
             return view_a, view_b
         # Batch sizes known only when running (a dataset batched without drop_remainder):
@@ -403,6 +466,7 @@ class VICReg(keras.Model):
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def train_step(self, data):
+        self._build_from_views(data)  # a backbone without a declared input: built from this batch's shapes
         replicas = num_replicas()
         # The forward pass updates BatchNorm moving statistics; keep a copy (a few
         # floats per channel) so a step that is not applied leaves them untouched too.
@@ -470,7 +534,7 @@ class VICReg(keras.Model):
                 _assign_all((scaler.step_counter, 0), (scaler.dynamic_scale, scaler.dynamic_scale * 0.5))
             return tf.constant(False)
 
-        if not tf.distribute.has_strategy() or tf.__internal__.distribute.strategy_supports_no_merge_call():
+        if not tf.distribute.has_strategy():
             def apply_here():
                 with tf.control_dependencies([apply(gradients)]):
                     return grow_scale()
@@ -481,9 +545,11 @@ class VICReg(keras.Model):
 
             return tf.cond(finite, apply_here, skip_here)
 
-        # The optimizer's update is a `merge_call`, which cannot sit in a cond in a
-        # replica context: take the cond in the cross-replica context (as Keras'
-        # LossScaleOptimizer does), where `finite` is one value for all replicas.
+        # Under a strategy the optimizer's update holds a `merge_call` (its
+        # `iterations` is an only-first-replica variable), which cannot sit in a cond
+        # in a replica context, even where the strategy otherwise runs without
+        # merge_call (XLA on GPUs): take the cond in the cross-replica context (as
+        # Keras' LossScaleOptimizer does), where `finite` is one value for all replicas.
         def cross_replica(distribution, finite, gradients, saved):
             call = distribution.extended.call_for_each_replica
 
@@ -500,6 +566,7 @@ class VICReg(keras.Model):
         return tf.distribute.get_replica_context().merge_call(cross_replica, args=(finite, gradients, saved))
 
     def test_step(self, data):
+        self._build_from_views(data)
         return self._update_metrics(self.compute_vicreg_terms(data, training=False))
 
     # -- serialization ---------------------------------------------------------
@@ -532,6 +599,29 @@ class VICReg(keras.Model):
         if config.get("second_backbone") is not None:
             config["second_backbone"] = deserialize(config["second_backbone"])
         return cls(**config)
+
+
+def xla_refusal(device_views: bool, strategy) -> str:
+    """Why XLA cannot compile the train step in this setup, or "" where it can.
+
+    Two cases, found by tests/test_gpu_paths.py on TensorFlow's GPU code paths
+    (docs/DISTRIBUTED.md): the view ops made inside the step have data-dependent
+    shapes, and Keras compiles one step of *every* local replica as one XLA
+    cluster, which runs on one device and cannot read another device's variables
+    (TensorFlow's XLA known issue "tf.Variable on a different device"; a plain
+    Keras model fails the same way).
+    """
+    if device_views:
+        return ("views made on the device (device_views) have data-dependent shapes, which XLA does not "
+                "compile; make the views on the host (config.views.on_device=off) to use XLA")
+    try:
+        local = len(strategy.extended.worker_devices)
+    except (AttributeError, RuntimeError):  # the default strategy: one device
+        local = 1
+    if local > 1:
+        return (f"{type(strategy).__name__} has {local} replicas on this worker, and Keras compiles all of them "
+                "as one XLA cluster, which cannot read the other devices' variables")
+    return ""
 
 
 def _as_two_views(views):
@@ -567,6 +657,26 @@ def _input_shape(backbone) -> tuple | None:
     except (AttributeError, ValueError):
         return None
     return tuple(shape) if isinstance(shape, tuple) and shape and not isinstance(shape[0], tuple) else None
+
+
+def _input_dtype(encoder) -> str:
+    """The dtype an encoder's (first) input declares; float32 when it declares none."""
+    try:
+        return keras.backend.standardize_dtype(encoder.inputs[0].dtype)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return "float32"
+
+
+def _view_specs(data):
+    """KerasTensors of the two views of a batch (its structure as `_unpack_views` reads it), or None."""
+    if isinstance(data, dict) and "crops_a" in data:
+        a, b = data["crops_a"], data["crops_b"]
+        return keras.KerasTensor(a.shape, "float32"), keras.KerasTensor(b.shape, "float32")
+    if isinstance(data, (tuple, list)) and len(data) in (2, 3) and isinstance(data[0], (tuple, list)):
+        data = data[0]
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        return None
+    return tuple(keras.KerasTensor(tuple(v.shape), keras.backend.standardize_dtype(v.dtype)) for v in data)
 
 
 def _shape_text(shape) -> str:
