@@ -186,8 +186,23 @@ def test_knn_monitor_logs_nothing_on_skipped_epochs_and_the_csv_keeps_its_column
 
 
 class _FakeModel:
-    def __init__(self):
+    def __init__(self, metrics=()):
         self.optimizer = keras.optimizers.SGD(0.1)
+        self.metrics = [keras.metrics.Mean(name=name) for name in metrics]
+
+
+def _fit_like(logger, model, per_step, *, start_step=0, epoch=0, applied=None):
+    """Calls `logger` as fit does for one epoch whose steps have the values `per_step` (Keras logs running means)."""
+    logger.on_train_begin()
+    logger.on_epoch_begin(epoch)
+    model.optimizer.iterations.assign(start_step)
+    sums = {}
+    for batch, values in enumerate(per_step):
+        logger.on_train_batch_begin(batch)
+        if applied is None or applied[batch]:
+            model.optimizer.iterations.assign_add(1)
+        sums = {k: sums.get(k, 0.0) + v for k, v in values.items()}
+        logger.on_train_batch_end(batch, {k: np.float32(total / (batch + 1)) for k, total in sums.items()})
 
 
 def test_step_logger_appends_every_n_steps_and_continues_the_global_step(tmp_path):
@@ -219,3 +234,73 @@ def test_loss_terms_plot_has_integer_epoch_ticks_and_a_per_step_row(tmp_path, mo
     epoch_ticks = np.concatenate([ax.get_xticks() for ax in axes if ax.get_xlabel() == "epoch"])
     assert np.all(epoch_ticks == np.round(epoch_ticks))
     assert [ax.get_title() for ax in axes if ax.get_xlabel() == "step"] == ["loss per step"]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_step_logger_writes_each_steps_own_value_and_the_methods_own_terms(tmp_path):
+    path = tmp_path / "steps.csv"
+    model = _FakeModel(metrics=("loss", "negative_cosine", "variance"))
+    logger = evaluation.StepLogger(path, every=1)
+    logger.set_model(model)
+    losses = [4.0, 2.0, 9.0, 1.0]
+    _fit_like(logger, model, [{"loss": v, "negative_cosine": -v / 10, "variance": 0.5, "lr": 1.0} for v in losses])
+    rows = _rows(path)
+    assert list(rows[0]) == ["step", "epoch", "loss", "variance", "negative_cosine"]
+    np.testing.assert_allclose([float(r["loss"]) for r in rows], losses, rtol=1e-6)  # not 4, 3, 5, 4
+    np.testing.assert_allclose([float(r["negative_cosine"]) for r in rows], [-v / 10 for v in losses], rtol=1e-5)
+
+
+def test_step_logger_rows_stay_unique_after_a_restart_and_a_skipped_step(tmp_path):
+    path = tmp_path / "steps.csv"
+    model = _FakeModel()
+    logger = evaluation.StepLogger(path, every=1)
+    logger.set_model(model)
+    _fit_like(logger, model, [{"loss": float(v)} for v in range(1, 7)])  # steps 1-6, then killed
+    with open(path, "a") as f:
+        f.write("7,1,19.")  # mid-write
+    # Restarted from the backup after step 3 (epoch 1 of 3 steps each): steps 4-6 again, with new
+    # values; the second step of the epoch is not applied (the global step stays at 4).
+    _fit_like(logger, model, [{"loss": v} for v in (40.0, 41.0, 50.0)], start_step=3, epoch=1,
+              applied=[True, False, True])
+    rows = _rows(path)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert [float(r["loss"]) for r in rows] == [1.0, 2.0, 3.0, 40.0, 50.0]
+    assert [r["epoch"] for r in rows] == ["1", "1", "1", "2", "2"]
+    # A rerun after a diverged first epoch starts again from step 0.
+    _fit_like(logger, model, [{"loss": 7.0}], start_step=0)
+    assert [(int(r["step"]), float(r["loss"])) for r in _rows(path)] == [(1, 7.0)]
+
+
+def test_knn_monitor_prints_its_own_line_only_without_keras_epoch_lines(rng, capsys):
+    x, y = _blobs(rng, 16, classes=2, dim=4)
+    labelled = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    for verbose in (2, 0):
+        model.fit(x, y.astype(np.float32), epochs=1, verbose=verbose,
+                  callbacks=[evaluation.KNNMonitor(labelled, labelled, k=3)])
+        lines = capsys.readouterr().out.splitlines()
+        knn = [line for line in lines if "kNN-3 top-1" in line]
+        epoch_lines = [line for line in lines if "val_knn_top1" in line]
+        assert len(knn) + len(epoch_lines) == 1, (verbose, lines)  # the value once, not twice
+        assert bool(knn) == (verbose == 0)
+
+
+def test_per_step_panels_draw_one_point_per_step_and_the_methods_own_terms(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    log = {"epoch": [0], "loss": [20.0], "invariance": [1.0], "variance": [0.6], "covariance": [0.5],
+           "entropy": [3.0]}
+    steps = {"step": [1, 2, 3, 2, 3], "epoch": [1] * 5, "loss": [21.0, 20.0, 19.5, 30.0, 31.0],
+             "entropy": [3.0, 2.9, 2.8, 2.7, 2.6]}  # an older file: steps 2 and 3 written twice
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    evaluation.plot_loss_terms(log, tmp_path / "terms.png", steps=steps)
+    axes = {ax.get_title(): ax for ax in figures[0].axes if ax.get_visible()}
+    assert "entropy" in axes and "entropy per step" in axes
+    (line,) = axes["loss per step"].get_lines()
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [21.0, 30.0, 31.0]

@@ -236,14 +236,23 @@ def _read_log(log) -> dict[str, list[float]]:
 _TERMS = ("loss", "invariance", "variance", "covariance", "embedding_std")
 
 
+def _unique_steps(columns: dict[str, list[float]]) -> dict[str, list[float]]:
+    """One row per step, the last one written (a steps.csv of an older version may repeat steps)."""
+    if "step" not in columns:
+        return columns
+    last = {step: row for row, step in enumerate(columns["step"])}
+    rows = [last[step] for step in sorted(last)]
+    return {name: [values[row] for row in rows] for name, values in columns.items()}
+
+
 def plot_loss_terms(log, path, steps=None) -> Path:
     """Plots loss, the three terms, embedding std and the kNN monitor into a PNG.
 
     `log` is Keras' CSVLogger file or a History.history-style dict (one row per
     epoch; integer epoch ticks). `steps` is a per-step log (a `StepLogger` CSV
     file or a dict with a "step" column); by default the `steps.csv` next to a
-    `log` file, when present. With it, a second row of panels shows every
-    logged step.
+    `log` file, when present. With it, a second row of panels shows each
+    logged step's own values (one per step), a method's own terms included.
     """
     import matplotlib
 
@@ -257,12 +266,17 @@ def plot_loss_terms(log, path, steps=None) -> Path:
         raise ValueError(f"{log} has none of the VICReg metrics (loss, invariance, variance, covariance)")
     if steps is None and not isinstance(log, Mapping) and (Path(log).parent / StepLogger.FILENAME).exists():
         steps = Path(log).parent / StepLogger.FILENAME
-    step_columns = _read_log(steps) if steps is not None else {}
-    step_names = [n for n in _TERMS if n in step_columns and "step" in step_columns]
+    step_columns = _unique_steps(_read_log(steps)) if steps is not None else {}
+    step_names = [n for n in step_columns if n not in ("step", "epoch")] if "step" in step_columns else []
+    own = [n for n in step_names if n not in _TERMS and n in columns]  # a method's own terms (entropy, ...)
+    names = [n for n in names if n != "val_knn_top1"] + own + [n for n in names if n == "val_knn_top1"]
     epochs = columns.get("epoch") or list(range(len(columns[names[0]])))
     epochs = [int(e) + 1 for e in epochs]
     rows = 2 if step_names else 1
-    figure, axes = plt.subplots(rows, len(names), figsize=(3.2 * len(names), 2.8 * rows), squeeze=False)
+    width = max(len(names), len(step_names))
+    figure, axes = plt.subplots(rows, width, figsize=(3.2 * width, 2.8 * rows), squeeze=False)
+    for ax in axes[0][len(names):]:
+        ax.set_visible(False)
     for ax, name in zip(axes[0], names):
         values = np.asarray(columns[name], dtype=np.float64)
         shown = np.isfinite(values)
@@ -314,7 +328,8 @@ class KNNMonitor(keras.callbacks.Callback):
     """Adds `val_knn_top1`, the weighted kNN accuracy of the backbone's features, to the epoch logs.
 
     Runs every `every` epochs and after the last; other epochs log nothing (no
-    NaN in the progress line or TensorBoard). Place it before CSVLogger/TensorBoard
+    NaN in the progress line or TensorBoard). Prints a line of its own only when
+    `fit` prints no epoch line (verbose=0), which would show the value next. Place it before CSVLogger/TensorBoard
     in the callback list so they see the value; Keras' CSVLogger fixes its columns
     at the first epoch, so use `vicreg_tf.evaluation.CSVLogger(...,
     columns=["val_knn_top1"])`, which leaves the cell empty on the other epochs.
@@ -351,7 +366,8 @@ class KNNMonitor(keras.callbacks.Callback):
         accuracy = knn_accuracy(train_x, train_y, val_x, val_y, k=self.k, temperature=self.temperature)
         self.history.append((epoch + 1, accuracy))
         logs["val_knn_top1"] = accuracy
-        print(f"epoch {epoch + 1}: kNN-{self.k} top-1 {accuracy:.4f}", flush=True)
+        if not (self.params or {}).get("verbose"):  # otherwise Keras' epoch line shows val_knn_top1 next
+            print(f"epoch {epoch + 1}: kNN-{self.k} top-1 {accuracy:.4f}", flush=True)
 
 
 class CSVLogger(keras.callbacks.CSVLogger):
@@ -380,13 +396,21 @@ class CSVLogger(keras.callbacks.CSVLogger):
 
 
 class StepLogger(keras.callbacks.Callback):
-    """Appends the loss terms every `every` training steps to a CSV file (`steps.csv`).
+    """Writes the loss terms of every `every`-th training step to a CSV file (`steps.csv`).
 
     Columns: step (the optimizer's global step, so a resumed run continues the
-    count), epoch, then the running means Keras reports for the batch
-    (loss, invariance, variance, covariance, embedding_std). Each row is written
-    in one `write` of a whole line to a file opened for appending, so a run
-    killed mid-write leaves at most a partial last line, which readers skip.
+    count), epoch, then every metric the model reports: loss, invariance,
+    variance, covariance, embedding_std and a method's own terms (SimSiam's and
+    BYOL's negative_cosine, the entropy variants' entropy). Each is that step's
+    value (the mean over the steps since the previous call, when Keras calls less
+    often), recovered from the running means over the epoch that Keras reports.
+
+    Rows are unique by step. When `fit` starts, the rows past the step it starts
+    from are dropped: a run resumed from an epoch backup, or rerun after a
+    diverged epoch, writes those steps again. A step that was not applied (the
+    global step did not advance) writes no row. Each row is appended in one
+    `write` of a whole line, so a run killed mid-write leaves at most a partial
+    last line, which readers skip.
 
     Args:
         path: the CSV file.
@@ -404,20 +428,77 @@ class StepLogger(keras.callbacks.Callback):
         self.every = every
         self.write = write
         self._epoch = 0
+        self._start_step = None  # the global step this fit started from
+        self._last_step = None  # the last step with a row
+        self._means = (0, {})  # batches of this epoch so far, and their running means
+
+    def _global_step(self, default: int) -> int:
+        optimizer = getattr(self.model, "optimizer", None)
+        return int(optimizer.iterations.numpy()) if optimizer is not None else default
+
+    def on_train_begin(self, logs=None):
+        self._start_step = self._last_step = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._means = (0, {})
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._start_step is None:  # the first step of this fit: a backup is restored by now
+            self._start_step = self._global_step(default=batch)
+
+    def _names(self, logs) -> list[str]:
+        reported = [m.name for m in getattr(self.model, "metrics", [])]
+        return list(dict.fromkeys(n for n in (*_TERMS, *reported) if n in logs))
 
     def on_train_batch_end(self, batch, logs=None):
         if not self.write or not logs:
             return
-        step = int(self.model.optimizer.iterations.numpy()) if self.model.optimizer is not None else batch + 1
-        if step % self.every:
+        names = self._names(logs)
+        # Keras logs each metric's mean over the epoch's first `batch + 1` steps: the steps
+        # since the previous call sum to (batch + 1) * mean - seen * previous mean.
+        seen, previous = self._means
+        means = {n: float(logs[n]) for n in names}
+        self._means = (batch + 1, means)
+        count = batch + 1 - seen
+        values = {n: ((batch + 1) * means[n] - seen * previous.get(n, means[n])) / count for n in names}
+        step = self._global_step(default=batch + 1)
+        if self._last_step is None:
+            start = self._start_step if self._start_step is not None else step - 1
+            self._keep_rows_up_to(start, ["step", "epoch", *names])
+            self._last_step = start
+        if step <= self._last_step or step % self.every:
             return
-        names = [n for n in _TERMS if n in logs]
-        new = not tf.io.gfile.exists(self.path) or tf.io.gfile.stat(self.path).length == 0
-        line = ",".join([str(step), str(self._epoch + 1)] + [repr(float(logs[n])) for n in names]) + "\n"
-        if new:
+        self._last_step = step
+        line = ",".join([str(step), str(self._epoch + 1)] + [f"{values[n]:.7g}" for n in names]) + "\n"
+        if not tf.io.gfile.exists(self.path) or tf.io.gfile.stat(self.path).length == 0:
             line = ",".join(["step", "epoch", *names]) + "\n" + line
         with tf.io.gfile.GFile(self.path, "a") as f:
             f.write(line)
+
+    def _keep_rows_up_to(self, step: int, columns: list[str]) -> None:
+        """Rewrites the file without the rows past `step` (and a partial last line), under `columns`."""
+        if not tf.io.gfile.exists(self.path):
+            return
+        with tf.io.gfile.GFile(self.path, "r") as f:
+            text = f.read()
+        lines = text.splitlines(keepends=True)
+        if not lines:
+            return
+        header = lines[0].rstrip("\n").split(",")
+        rows = [dict(zip(header, line.rstrip("\n").split(","))) for line in lines[1:]
+                if line.endswith("\n") and line.count(",") == len(header) - 1]
+        kept = [row for row in rows if _as_step(row.get("step")) <= step]
+        if header == columns and len(kept) == len(lines) - 1:
+            return
+        from vicreg_tf.training import write_text_atomically
+
+        body = "".join(",".join(row.get(c, "") for c in columns) + "\n" for row in kept)
+        write_text_atomically(self.path, ",".join(columns) + "\n" + body)
+
+
+def _as_step(value) -> float:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return math.inf  # not a step: dropped
