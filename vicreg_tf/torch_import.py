@@ -56,6 +56,17 @@ def _listed(keys) -> str:
     return shown + more
 
 
+def _load_failure(error: Exception) -> str:
+    """torch.load's reason, without its advice to retry with weights_only=False (which runs the file's code)."""
+    text = " ".join(str(error).split())
+    if "weights_only" in text:
+        # "... WeightsUnpickler error: Unsupported operand 237 Check the documentation ..."
+        _, _, reason = text.partition("WeightsUnpickler error:")
+        reason = reason.split(" Check the documentation")[0].strip()
+        return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a `.pth` file into {torchvision key: float32 array}, unwrapped and unprefixed.
 
@@ -73,7 +84,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         # weights_only: never run pickled code from a downloaded file.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint"
-        raise ValueError(f"{path} is not a PyTorch checkpoint: expected {expected}; torch.load said: {e}") from e
+        raise ValueError(f"{path} is not a PyTorch checkpoint: expected {expected}; torch.load could not read it "
+                         f"as weights ({_load_failure(e)})") from None
     for entry in _NESTED_ENTRIES:
         if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get(entry), Mapping):
             checkpoint = checkpoint[entry]
