@@ -24,14 +24,17 @@ _STARTUP_NOISE = (
 def quiet_tensorflow_startup():
     """Hides TensorFlow's start-up notices on stderr (see _STARTUP_NOISE) and passes on everything else.
 
-    Only when the user has not set TF_CPP_MIN_LOG_LEVEL; then it is set to 2
-    (no C++ INFO or WARNING lines, such as PredictCost() or cache notices).
+    TF_CPP_MIN_LOG_LEVEL unset is set to 2 (no C++ INFO or WARNING lines, such
+    as PredictCost() or cache notices). Set by the user to 2 or 3 (the usual advice
+    for a quiet TensorFlow) it is kept, and the notices stay hidden too, since
+    TensorFlow prints them before it reads the level. Only 0 or 1, asking for
+    TensorFlow's notices, shows everything.
     """
-    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") and os.environ.get("_VICREG_LOG_LEVEL_SET") != "1":
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip() in ("0", "1"):
         yield
         return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    os.environ["_VICREG_LOG_LEVEL_SET"] = "1"  # ours, not the user's: child processes filter too
+    if not os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip():
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as captured:
