@@ -484,3 +484,189 @@ def test_vicreg_eval_on_a_folder_scores_held_out_files_and_says_which(tmp_path):
     assert record["train_data"]["split"] == "train" and record["test_data"]["split"] == "eval"
     assert record["train_images"] + record["test_images"] == 60
     assert 5 <= record["test_images"] <= 25  # a quarter held out, by a hash of each name
+
+
+# --------------------------------------------------------------------------- the first hour (issue 24)
+
+
+def _console(name):
+    script = Path(sys.executable).parent / name
+    assert script.exists(), f"{name} is not installed next to {sys.executable} (pip install -e .)"
+    return str(script)
+
+
+def _without_import_lines(stderr):
+    return "\n".join(line for line in stderr.splitlines() if not line.startswith("import time:")).strip()
+
+
+@pytest.mark.parametrize("program, args, message", [
+    ("vicreg-train", ["--config=tiny", "--config.training.epochz=3"],
+     "error: bad command line ['--config.training.epochz']: 'epochz' Did you mean \"epochs\" instead of \"epochz\"?"),
+    ("vicreg-train", ["--config=tiny", "--workdir=WORKDIR", "--config.training.batch_size=0"],
+     "error: config.training.batch_size must be a positive int, got 0"),
+    ("vicreg-train", ["--config=no_such_config", "--workdir=WORKDIR"], "error: config 'no_such_config' not found"),
+    ("vicreg-eval", ["--config=tiny", "--backbone=WORKDIR/missing.keras"], "error: no backbone file at WORKDIR/missing.keras"),
+    ("vicreg-train", ["--config=tiny", "--workdir=WORKDIR", "--config.data.max_bad_fraction=1.5"],
+     "error: config.data.max_bad_fraction must be a number in [0, 1], got 1.5"),
+])
+def test_command_line_mistakes_are_answered_before_tensorflow_loads(tmp_path, program, args, message):
+    workdir = tmp_path / "run"
+    args = [a.replace("WORKDIR", str(workdir)) for a in args]
+    # PYTHONPROFILEIMPORTTIME: Python lists every module it imports on stderr.
+    start = time.monotonic()
+    result = subprocess.run([_console(program), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPROFILEIMPORTTIME="1"))
+    seconds = time.monotonic() - start
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert _without_import_lines(result.stderr).startswith(message.replace("WORKDIR", str(workdir)))
+    assert "absl.flags" in imported  # the listing works
+    assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "keras")], seconds
+    assert not workdir.exists()
+
+
+def test_a_refused_workdir_names_only_the_keys_that_differ(tmp_path):
+    workdirs.check_workdir(tmp_path, _config("tiny"))
+    _fake_checkpoint(tmp_path)
+    other = _config("tiny")
+    other.model.projector = "64-64"
+    other.model.backbone_kwargs.widths = (4, 16)
+    with pytest.raises(ValueError) as refused:
+        workdirs.check_workdir(tmp_path, other)
+    message = str(refused.value)
+    assert ("(model.backbone_kwargs.widths: workdir has [4, 8], config has [4, 16]; "
+            "model.projector: workdir has '32-32', config has '64-64')") in message
+    assert "invariance_weight" not in message and "'source'" not in message and len(message) < 400
+
+
+def test_a_key_one_record_lacks_is_named_as_missing():
+    theirs = {"model": {"projector": "32-32"}, "seed": 0}
+    mine = {"model": {"projector": "32-32", "predictor": "16"}, "seed": 0}
+    assert workdirs.fingerprint_differences(theirs, mine) == [
+        "model.predictor: workdir has no such key, config has '16'"]
+
+
+def test_the_bad_image_share_is_not_part_of_the_experiment(tmp_path):
+    workdirs.check_workdir(tmp_path, _config("tiny"))
+    _fake_checkpoint(tmp_path)
+    config = _config("tiny")
+    checks.add_program_defaults(config)
+    config.data.max_bad_fraction = 0.9
+    workdirs.check_workdir(tmp_path, config)  # resumes: the threshold is no part of what is learned
+
+
+def test_a_warmup_longer_than_the_run_is_shortened_with_a_warning_naming_the_flag(capsys):
+    config = _config("image_folder")
+    config.data.path = "/data"
+    config.training.epochs = 1
+    checks.prepare_config(config)
+    assert config.optimizer.warmup_epochs == 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--config.optimizer.warmup_epochs" in err and "warmup_epochs=5" in err
+    config.training.epochs = 3
+    config.optimizer.warmup_epochs = 5
+    checks.prepare_config(config)
+    assert config.optimizer.warmup_epochs == 2
+    config.optimizer.warmup_epochs = 3  # as long as the run: kept, as before
+    checks.prepare_config(config)
+    assert config.optimizer.warmup_epochs == 3
+
+
+def _folder_of(tmp_path, good: int, bad: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "photos"
+    for k in range(good + bad):
+        path = folder / f"class{k % 2}" / f"{k:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if k < bad:
+            path.write_bytes(b"this is not a png" * (k + 1))
+        else:
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+    return folder
+
+
+def _folder_config(folder):
+    config = _config("image_folder")
+    config.data.path = str(folder)
+    config.data.image_size = 16
+    config.data.train_split = "all"
+    config.model.backbone = "small_cnn"
+    config.model.backbone_kwargs = {"widths": (4, 8)}
+    config.training.batch_size = 8
+    config.training.epochs = 1
+    config.optimizer.warmup_epochs = 0
+    return config
+
+
+def test_a_folder_where_no_image_decodes_is_one_line_and_writes_nothing(tmp_path):
+    from trainers import pretrain
+
+    folder = _folder_of(tmp_path, good=0, bad=12)
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError) as refused:
+        pretrain.train(_folder_config(folder), workdir)
+    assert str(refused.value) == (f"none of the 12 image files under {str(folder.resolve())!r} (config.data.path) "
+                                  "decodes as an image: are they images?")
+    assert not workdir.exists()
+
+
+def test_a_folder_where_most_images_fail_names_the_share_and_writes_nothing(tmp_path):
+    from trainers import pretrain
+
+    folder = _folder_of(tmp_path, good=10, bad=30)
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"^30 of the 40 image files under .*photos' \(config.data.path\) do not "
+                                         r"decode \(75%\), more than config.data.max_bad_fraction=0.5: ") as refused:
+        pretrain.train(_folder_config(folder), workdir)
+    assert "\n" not in str(refused.value) and "--config.data.max_bad_fraction" in str(refused.value)
+    assert not workdir.exists()
+    config = _folder_config(folder)
+    checks.add_program_defaults(config)
+    config.data.max_bad_fraction = 0.8  # a share the user accepts: the run starts
+    source = build.load_source(config, "all")
+    checks.check_images_decode(source, config)
+
+
+def test_vicreg_eval_refuses_a_folder_where_no_image_decodes_before_writing(tmp_path):
+    from trainers import linear_eval
+
+    folder = _folder_of(tmp_path, good=0, bad=12)
+    config = _folder_config(folder)
+    config.data.eval_split = "all"
+    with pytest.raises(ValueError, match="none of the 12 image files"):
+        linear_eval.evaluate(config, None, str(tmp_path / "out"), random_init=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_json_outputs_are_rounded_to_six_significant_digits(tmp_path, capsys):
+    record = workdirs.write_json_line(tmp_path / "eval.json", {
+        "linear_top1": float(np.float32(0.147)), "nested": {"x": [1.0 / 3, 2]}, "count": 512, "name": "a"})
+    line = capsys.readouterr().out.strip()
+    assert json.loads(line) == json.loads((tmp_path / "eval.json").read_text()) == record
+    assert record == {"linear_top1": 0.147, "nested": {"x": [0.333333, 2]}, "count": 512, "name": "a"}
+    assert "0.1469999" not in line
+
+
+def test_a_long_reason_is_clipped_between_words():
+    text = "Layer 'dense' expected 2 variables, but received 0 variables during loading. " * 5
+    clipped = checks._clipped(text.strip(), 200)
+    kept = clipped.removesuffix(" ...")
+    assert len(clipped) <= 204 and clipped != kept
+    assert text.startswith(kept) and text[len(kept)] in " ,;:"  # cut between two words
+
+
+def test_start_up_notices_stay_hidden_when_the_user_sets_level_2(tmp_path):
+    program = ("import sys; sys.argv[0] = 'vicreg-train'\n"
+               "from vicreg_tf._startup import quiet_tensorflow_startup\n"
+               "with quiet_tensorflow_startup():\n"
+               "    import vicreg_tf, tensorflow as tf\n"
+               "    tf.config.list_physical_devices()\n"
+               "print('loaded')\n")
+    noisy = run_python(["-c", program], timeout=120, env={"TF_CPP_MIN_LOG_LEVEL": "0"})
+    assert noisy.returncode == 0 and "oneDNN custom operations are on" in noisy.stderr  # 0: everything shown
+    for level in ("2", "3", ""):
+        quiet = run_python(["-c", program], timeout=120, env={"TF_CPP_MIN_LOG_LEVEL": level})
+        assert quiet.returncode == 0 and quiet.stdout.strip() == "loaded", quiet.stderr[-2000:]
+        assert quiet.stderr.strip() == "", (level, quiet.stderr[-2000:])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,57 @@ _POLICIES = ("auto", "", "float32", "float64", "bfloat16", "float16", "mixed_bfl
 # "on" or "off"; "true" / "false" (any case, as a command line gives them) and bools are accepted.
 _JIT_VALUES = {"auto": "auto", "on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 VERBOSE_CHOICES = ("auto", "0", "1", "2")
+# Keys the shipped configs leave out, with their defaults. The programs add them to every config
+# that lacks them (so `--config.data.max_bad_fraction=0.2` works with any config file); for a
+# config passed in directly, `setting` gives the default. Not part of the experiment's fingerprint.
+PROGRAM_DEFAULTS = {
+    "data.max_bad_fraction": 0.5,  # the share of sampled image files that may fail to decode
+}
+# Image files decoded at start-up to tell a folder of images from one of something else.
+SAMPLED_FILES = 64
+
+
+def setting(config, dotted: str):
+    """`config`'s value at `dotted`, or its PROGRAM_DEFAULTS value when the config lacks the key."""
+    value = config
+    for key in dotted.split("."):
+        if key not in value:
+            return PROGRAM_DEFAULTS[dotted]
+        value = value[key]
+    return value
+
+
+def add_program_defaults(config) -> None:
+    """Adds the PROGRAM_DEFAULTS keys `config` lacks (a locked config stays locked)."""
+    if not hasattr(config, "unlocked"):  # ml_collections' stand-in for a config file that failed to load
+        return
+    with config.unlocked():
+        for dotted, default in PROGRAM_DEFAULTS.items():
+            *sections, key = dotted.split(".")
+            section = config
+            for name in sections:
+                section = section[name]
+            if key not in section:
+                section[key] = default
+
+
+def prepare_config(config) -> None:
+    """What vicreg-train does to a config before anything else: the warm-up fitted to the epochs, then checked."""
+    fit_warmup_to_epochs(config)
+    validate_config(config)
+
+
+def fit_warmup_to_epochs(config) -> None:
+    """A warm-up longer than the run (e.g. image_folder's 5 epochs with --config.training.epochs=1) is shortened, with a warning."""
+    warmup, epochs = config.optimizer.warmup_epochs, config.training.epochs
+    numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (warmup, epochs))
+    if not numbers or epochs < 1 or warmup <= epochs:
+        return  # validate_config names a bad value
+    shorter = epochs - 1
+    print(f"warning: config.optimizer.warmup_epochs={warmup} is longer than config.training.epochs={epochs}; "
+          f"warming up for {shorter} epoch(s) instead (set --config.optimizer.warmup_epochs to choose)",
+          file=sys.stderr, flush=True)
+    config.optimizer.warmup_epochs = shorter
 
 
 def validate_config(config) -> None:
@@ -72,6 +124,8 @@ def validate_config(config) -> None:
         check(f"model.{name}", lambda v: is_number(v) and v >= 0, "a number >= 0")
     check("eval.knn_k", lambda v: len(v) > 0 and all(is_int(k) and k > 0 for k in v), "a list of positive ints")
     check("eval.label_fractions", lambda v: all(is_number(f) and 0 < f <= 1 for f in v), "fractions in (0, 1]")
+    if "max_bad_fraction" in config.data:
+        check("data.max_bad_fraction", lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
     check("training.mixed_precision", lambda v: v in _POLICIES, f"one of {list(_POLICIES)}")
     check("training.jit_compile", lambda v: str(v).lower() in _JIT_VALUES,
           "'auto' (XLA on for one GPU, off on CPUs and under several replicas), 'on' or 'off'")
@@ -93,6 +147,50 @@ def check_data_exists(config) -> None:
     location = data_location(config)
     if config.data.source in ("folder", "tfds") and location and not Path(location).is_dir():
         raise ValueError(f"config.data.path={config.data.path!r} is not a directory ({location})")
+
+
+def check_images_decode(source, config) -> None:
+    """A folder whose files mostly do not decode fails in one line, before the workdir is claimed.
+
+    Decodes SAMPLED_FILES files drawn at random (all of them in a smaller folder),
+    not the whole folder. Fails when none decodes, or when more than
+    config.data.max_bad_fraction of them do not (training would replace each by a
+    gray image). Sources other than folders are not checked.
+    """
+    if not hasattr(source, "sample_unreadable"):
+        return
+    limit = setting(config, "data.max_bad_fraction")
+    bad, checked = source.sample_unreadable(SAMPLED_FILES, seed=config.seed)
+    what = (f"the {checked} image files" if checked == source.count
+            else f"{checked} image files sampled from the {source.count}")
+    where = f"under {str(source.root)!r} (config.data.path)"
+    if bad == checked:
+        raise ValueError(f"none of {what} {where} decodes as an image: are they images?")
+    if bad > limit * checked:
+        raise ValueError(f"{bad} of {what} {where} do not decode ({bad / checked:.0%}), more than "
+                         f"config.data.max_bad_fraction={limit}: fix or remove them, or raise "
+                         "--config.data.max_bad_fraction")
+
+
+def check_keras_file(path) -> Path:
+    """A `.keras` file that exists and is a complete zip archive, or a one-line error naming it. No TensorFlow.
+
+    Keras reports a truncated file as "File not found"; this says what is wrong.
+    """
+    import zipfile
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no backbone file at {path}")
+    if path.is_file() and path.suffix == ".keras":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError):
+            bad = True
+        if bad:
+            raise ValueError(f"not a valid .keras file (truncated or not a zip): {path}")
+    return path
 
 
 def check_backbone_name(config) -> None:
@@ -120,11 +218,19 @@ def check_backup_loads(model, workdir: Path) -> None:
         if skipped:
             raise ValueError(skipped[0])
     except Exception as error:  # Keras raises assorted types for a mismatched weights file
-        reason = " ".join(str(error).split())[:200]
+        reason = _clipped(" ".join(str(error).split()), 200)
         raise ValueError(
             f"--workdir={workdir} holds another model's backup ({backup_dir}), which does not load "
             f"into this config's model ({type(error).__name__}: {reason}). Use a new --workdir."
         ) from None
+
+
+def _clipped(text: str, limit: int) -> str:
+    """`text`, or its words up to `limit` characters followed by "...": never a word cut in two."""
+    if len(text) <= limit:
+        return text
+    end = text.rfind(" ", 0, limit + 1)
+    return text[: end if end > 0 else limit].rstrip(" ,;:") + " ..."
 
 
 def check_backbone_input(backbone, config, path) -> None:

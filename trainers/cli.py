@@ -52,12 +52,36 @@ def print_help(doc: str, flag_names: list[str], out=None) -> None:
     print("  --verbosity=N: Python log level (default: warnings only)", file=out)
 
 
-def run_app(main_fn, argv: list[str], doc: str = "", flag_names: tuple = ()) -> None:
+def define_config_flag():
+    """`--config`: a config file or shipped name, locked, with checks.PROGRAM_DEFAULTS added where it lacks them."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from .checks import add_program_defaults
+
+    holder = config_flags.DEFINE_config_file("config", None, "experiment config (path or shipped name)",
+                                             lock_config=True)
+    parser = flags.FLAGS["config"].parser
+    load = parser.parse
+
+    def parse(path):
+        config = load(path)
+        add_program_defaults(config)  # before the --config.KEY overrides are matched to keys
+        return config
+
+    parser.parse = parse
+    return holder
+
+
+def run_app(main_fn, argv: list[str], doc: str = "", flag_names: tuple = (), check=None) -> None:
     """absl's app.run, with config errors (an unknown key, a bad value) as one clear line.
 
-    `--help` prints `doc` and the flags `flag_names` and exits 0. TensorFlow is loaded
-    here, with its start-up notices hidden, and absl's Python INFO lines are off
-    unless `--verbosity` is given.
+    `--help` prints `doc` and the flags `flag_names` and exits 0. The flags and the
+    config are parsed, and `check(argv)` (the program's own argument and config
+    checks; a ValueError or FileNotFoundError is one error line) runs, before
+    TensorFlow loads: a mistake on the command line is answered in a fraction of a
+    second, not after TensorFlow's start-up. TensorFlow is then loaded with its
+    start-up notices hidden; absl's Python INFO lines are off unless `--verbosity` is given.
     """
     from absl import app, flags
     from absl import logging as absl_logging
@@ -69,11 +93,6 @@ def run_app(main_fn, argv: list[str], doc: str = "", flag_names: tuple = ()) -> 
         argv = preprocess_argv(argv)
     except FileNotFoundError as error:
         sys.exit(fail(str(error)))
-    with quiet_tensorflow_startup():
-        import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # where CUDA is probed (and complains on CPU-only machines)
     if not any(arg.startswith(("--verbosity", "-v=", "--v=")) for arg in argv[1:]):
         argv = [argv[0], "--verbosity=-1", *argv[1:]]  # absl INFO lines (e.g. from the export) off
         absl_logging.set_verbosity(absl_logging.WARNING)
@@ -90,7 +109,20 @@ def run_app(main_fn, argv: list[str], doc: str = "", flag_names: tuple = ()) -> 
                     detail = detail[1:-1]
             sys.exit(fail(f"bad command line {overrides or ''}: {detail}".replace(" : ", ": ")))
 
-    app.run(main_fn, argv=argv, flags_parser=parse)
+    def checked_then_main(args):
+        if check is not None:
+            try:
+                check(args)
+            except (ValueError, FileNotFoundError) as error:
+                sys.exit(fail(str(error)))
+        with quiet_tensorflow_startup():
+            import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # where CUDA is probed (and complains on CPU-only machines)
+        return main_fn(args)
+
+    app.run(checked_then_main, argv=argv, flags_parser=parse)
 
 
 def fail(message: str) -> int:

@@ -101,6 +101,24 @@ def is_chief_task(config: dict) -> bool:
     return task["type"] == "worker" and task["index"] == 0
 
 
+def is_chief_process(environ=None) -> bool:
+    """Whether this process reports for the cluster (prints progress), decided before any strategy exists.
+
+    The chief of a TF_CONFIG cluster, task 0 of a Slurm step, and any process
+    outside a cluster. A TF_CONFIG that does not parse counts as the chief: the
+    strategy then names what is wrong.
+    """
+    environ = os.environ if environ is None else environ
+    if environ.get("TF_CONFIG"):
+        try:
+            return is_chief_task(parse_tf_config(environ["TF_CONFIG"]))
+        except ValueError:
+            return True
+    if in_slurm_job(environ):
+        return environ.get("SLURM_PROCID") == "0"
+    return True
+
+
 # Runs beside a worker while MultiWorkerMirroredStrategy's constructor waits for
 # its peers. That wait is in C++ and holds the GIL, so no Python thread or signal
 # handler of the worker itself can interrupt it; this separate process can.

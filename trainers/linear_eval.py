@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from . import build, checks, cli, workdirs
 
@@ -37,18 +36,20 @@ def evaluate(config, backbone_path: str | None, workdir: str | None = None, rand
         checks.check_backbone_name(config)
         backbone = build.make_backbone(config)
     else:
-        backbone = transfer.load_backbone(transfer.check_keras_file(backbone_path))
+        backbone = transfer.load_backbone(checks.check_keras_file(backbone_path))
         checks.check_backbone_input(backbone, config, backbone_path)
     # Checked before out_dir exists: a failure leaves no empty directory behind.
     checks.check_data_exists(config)
-    out_dir = Path(workdir or Path(backbone_path).parent)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Folders: the features are fit on the training files and scored on the held-out ones
     # (data.eval_split / data.eval_path), never on the images trained on; the record says which.
     train_source = build.load_source(config, config.data.train_split)
     test_source = build.load_source(config, config.data.eval_split)
     if not train_source.labelled:
         raise ValueError(f"{config.data.source} data has no labels: vicreg-eval needs a labelled split")
+    for source in (train_source, test_source):
+        checks.check_images_decode(source, config)
+    out_dir = Path(workdir or Path(backbone_path).parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
     train_images = train_source.images(config.data.image_size)
     test_images = test_source.images(config.data.image_size)
     batch = build.eval_batch_size(config)
@@ -84,15 +85,21 @@ def evaluate(config, backbone_path: str | None, workdir: str | None = None, rand
         )["top1"]
     record["seconds"] = round(time.time() - start, 1)
     name = "eval_random_init.json" if random_init else "eval.json"
-    workdirs.write_json_line(out_dir / name, record)
-    return record
+    return workdirs.write_json_line(out_dir / name, record)
 
 
-def _main(argv):
+def _check(argv):
+    """The arguments and the config, before TensorFlow loads."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or (_BACKBONE.value is None and not _RANDOM_INIT.value):
         raise app.UsageError("--config and --backbone (or --random_init) are required")
+    checks.validate_config(_CONFIG.value)
+    if not _RANDOM_INIT.value:
+        checks.check_keras_file(_BACKBONE.value)
+
+
+def _main(argv):
     try:
         evaluate(_CONFIG.value, _BACKBONE.value, _WORKDIR.value, _RANDOM_INIT.value)
     except (ValueError, FileNotFoundError) as error:
@@ -102,7 +109,7 @@ def _main(argv):
 def _define_flags() -> None:
     # Defined when run as a program, not on import, so that both trainers import into one process.
     global _CONFIG, _BACKBONE, _WORKDIR, _RANDOM_INIT
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (path or shipped name)", lock_config=True)
+    _CONFIG = cli.define_config_flag()
     _BACKBONE = flags.DEFINE_string("backbone", None, "a backbone .keras file written by vicreg-train")
     _WORKDIR = flags.DEFINE_string("workdir", None, "where eval.json goes (default: the backbone's directory)")
     _RANDOM_INIT = flags.DEFINE_bool("random_init", False, "evaluate the architecture with random weights")
@@ -111,7 +118,7 @@ def _define_flags() -> None:
 def main(argv=None):
     _define_flags()
     cli.run_app(_main, list(sys.argv if argv is None else argv), __doc__,
-                   ("config", "backbone", "workdir", "random_init"))
+                ("config", "backbone", "workdir", "random_init"), check=_check)
 
 
 if __name__ == "__main__":

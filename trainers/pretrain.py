@@ -21,7 +21,6 @@ import sys
 import tempfile
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from . import build, checks, cli, cluster, workdirs
 
@@ -47,7 +46,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     workdir = os.fspath(workdir)  # a local path or any tf.io.gfile one (gs://...)
     # Everything that can be wrong with the setup fails here, before the workdir is
     # claimed (experiment.json written) and before any training.
-    checks.validate_config(config)
+    checks.prepare_config(config)  # a warm-up longer than the run is shortened, with a warning
     checks.check_backbone_name(config)
     checks.check_data_exists(config)
     workdirs.check_workdir(workdir, config, write=False)  # another experiment's checkpoints
@@ -59,6 +58,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     strategy = build.make_strategy()
     views = build.make_views(config, seed=config.seed)  # an unknown views.preset fails here
     source = build.load_source(config, config.data.train_split)
+    checks.check_images_decode(source, config)  # a folder of non-images: a sample of the files, decoded
     count = source.count
     batch_size = config.training.batch_size
     if count < batch_size:
@@ -114,7 +114,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
         size = config.data.image_size
         train_batches = build.labelled_batches(source.images(size), eval_batch, limit=config.eval.knn_max_train)
         eval_batches = build.labelled_batches(eval_source.images(size), eval_batch)
-        if config.eval.knn_every:
+        if config.eval.knn_every and role.is_chief:  # the chief reports for the cluster
             # First in the list, so the logs it adds reach the CSV log and TensorBoard.
             callbacks.insert(0, evaluation.KNNMonitor(
                 train_batches, eval_batches, every=config.eval.knn_every, k=config.eval.knn_k[0]
@@ -185,16 +185,23 @@ def train(config, workdir: str | os.PathLike) -> dict:
         else:
             version_dir = serving.export_for_serving(model.backbone, join(workdir, "export"), config.export.name)
         summary["export"] = str(version_dir)
-    workdirs.write_json_line(join(workdir, "pretrain_summary.json"), summary)
-    return summary
+    return workdirs.write_json_line(join(workdir, "pretrain_summary.json"), summary)
 
 
-def _main(argv):
+def _check(argv):
+    """The arguments and the config, before TensorFlow loads."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _WORKDIR.value is None or _CONFIG.value is None:
         raise app.UsageError("--config and --workdir are required")
+    checks.prepare_config(_CONFIG.value)
+
+
+def _main(argv):
     from vicreg_tf import training
+
+    if not cluster.is_chief_process():
+        sys.stdout = open(os.devnull, "w")  # the chief reports for the cluster; errors still go to stderr
 
     try:
         train(_CONFIG.value, _WORKDIR.value)
@@ -213,13 +220,13 @@ def _main(argv):
 def _define_flags() -> None:
     # Defined when run as a program, not on import, so that both trainers import into one process.
     global _CONFIG, _WORKDIR
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (path or shipped name)", lock_config=True)
+    _CONFIG = cli.define_config_flag()
     _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and exports")
 
 
 def main(argv=None):
     _define_flags()
-    cli.run_app(_main, list(sys.argv if argv is None else argv), __doc__, ("config", "workdir"))
+    cli.run_app(_main, list(sys.argv if argv is None else argv), __doc__, ("config", "workdir"), check=_check)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # vicreg_tf.data's defa
 # Fields that define an experiment: a workdir holding checkpoints of another
 # setting of these must not be resumed from.
 EXPERIMENT_FIELDS = ("experiment", "seed", "data", "views", "model", "optimizer", "training.batch_size")
+# Keys inside those fields that do not change what is learned (a start-up check's threshold).
+NOT_EXPERIMENT = ("data.max_bad_fraction",)
+_MAX_LISTED = 6  # differing keys named in a refusal
 
 
 def config_to_dict(config) -> dict:
@@ -44,9 +47,43 @@ def data_location(config) -> str:
 
 def experiment_fingerprint(config) -> dict:
     as_dict = config_to_dict(config)
+    for dotted in NOT_EXPERIMENT:
+        *sections, key = dotted.split(".")
+        _select(as_dict, ".".join(sections)).pop(key, None)
     fingerprint = {field: _select(as_dict, field) for field in EXPERIMENT_FIELDS}
     fingerprint["data_dir"] = data_location(config)
     return fingerprint
+
+
+def _flat(value, key: str, out: dict) -> dict:
+    """{"model": {"projector": "32-32"}} -> {"model.projector": "32-32"} (an empty dict stays a value)."""
+    if isinstance(value, dict) and value:
+        for name, item in value.items():
+            _flat(item, f"{key}.{name}", out)
+    else:
+        out[key] = value
+    return out
+
+
+def fingerprint_differences(theirs: dict, mine: dict) -> list[str]:
+    """The dotted keys whose values differ, as "key: workdir has OLD, config has NEW".
+
+    Only fields both records hold are compared (a record may predate a field); inside
+    them a key one side lacks differs.
+    """
+    absent = object()
+
+    def shown(value):
+        return "no such key" if value is absent else repr(value)
+
+    differences = []
+    for field in sorted(set(mine) & set(theirs)):
+        old, new = _flat(theirs[field], field, {}), _flat(mine[field], field, {})
+        for key in sorted(set(old) | set(new)):
+            before, after = old.get(key, absent), new.get(key, absent)
+            if before != after:
+                differences.append(f"{key}: workdir has {shown(before)}, config has {shown(after)}")
+    return differences
 
 
 def _exists(path) -> bool:
@@ -85,9 +122,11 @@ def check_workdir(workdir: Path, config, *, write: bool = True) -> None:
     mine = experiment_fingerprint(config)
     if _exists(record) and holds_checkpoints(workdir):
         theirs = json.loads(_read_text(record))
-        diff = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
+        diff = fingerprint_differences(theirs, mine)
         if diff:
-            details = "; ".join(f"{k}: workdir has {theirs[k]!r}, config has {mine[k]!r}" for k in diff)
+            details = "; ".join(diff[:_MAX_LISTED])
+            if len(diff) > _MAX_LISTED:
+                details += f"; ... ({len(diff)} keys in all)"
             raise ValueError(
                 f"--workdir={workdir} holds checkpoints of a different experiment ({details}). "
                 "Use a new --workdir, or the config that wrote this one."
@@ -123,7 +162,21 @@ def _write_text_atomically(path, text: str) -> None:
     training.write_text_atomically(path, text)
 
 
-def write_json_line(path, record: dict) -> None:
+def rounded(value, digits: int = 6):
+    """`value` with every float (in dicts and lists too) rounded to `digits` significant digits."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+def write_json_line(path, record: dict) -> dict:
+    """Prints `record` as one JSON line (floats to 6 significant digits) and writes it to `path`; returns it as written."""
+    record = rounded(record)
     line = json.dumps(record, sort_keys=True)
     print(line, flush=True)
     _write_text_atomically(path, line + "\n")
+    return record

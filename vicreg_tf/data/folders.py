@@ -185,6 +185,15 @@ class FolderSource(_Source):
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.root), "split": self.split, "count": self.count}
 
+    def sample_unreadable(self, size: int = 64, seed: int = 0) -> tuple[int, int]:
+        """Decodes `size` files drawn at random (every file of a smaller folder): (how many failed, how many tried).
+
+        A bounded check for start-up: a million-file folder costs the same as a small one.
+        """
+        picked = np.random.default_rng(seed).choice(self.count, min(size, self.count), replace=False)
+        ok = _readable([self.names[i] for i in np.sort(picked)], self.channels)
+        return int(np.count_nonzero(~ok)), len(picked)
+
     def limited(self, n: int) -> "FolderSource":
         if n >= self.count:
             return self
