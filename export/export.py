@@ -10,6 +10,8 @@ prints the version directory. Serve it with
         --model_config_file=/models/models.config --enable_model_warmup=true
 
 after exporting with --config_base_path=/models (the path the container sees).
+When the newest version under --base/--name already holds the same weights (the
+digest each export records), nothing is written and that version is printed.
 See docs/SERVING.md. Exit status: 0 written, 1 export failed (e.g. the version
 exists), 2 bad arguments (e.g. no backbone file).
 """
@@ -73,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     from vicreg_tf._startup import quiet_tensorflow_startup
+    from vicreg_tf.trainers.checks import check_keras_file
 
+    try:
+        check_keras_file(backbone_path)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vicreg-export: error: {e}", file=sys.stderr)
+        return 2
     # TensorFlow is imported only once the arguments are known to be good: it takes seconds.
     with quiet_tensorflow_startup():
         import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
@@ -81,18 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         import tensorflow as tf
 
         tf.config.list_physical_devices()
-    from vicreg_tf.transfer import check_keras_file
-
-    try:
-        check_keras_file(backbone_path)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"vicreg-export: error: {e}", file=sys.stderr)
-        return 2
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # the SavedModel writer's INFO lines
 
-    from vicreg_tf.serving import export_for_serving
+    from vicreg_tf.serving import export_for_serving, latest_export_with_weights, weights_digest
     from vicreg_tf.transfer import load_backbone
 
     try:
@@ -110,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vicreg-export: error: {e}", file=sys.stderr)
         return 2
 
+    if args.version is None:
+        # An identical new version would only make a TF Serving watching --base reload for nothing.
+        newest = latest_export_with_weights(Path(args.base) / args.name, weights_digest(backbone, projector))
+        if newest is not None:
+            print(f"vicreg-export: {newest} already holds these weights; no new version written", file=sys.stderr)
+            print(newest)
+            return 0
     try:
         version_dir = export_for_serving(
             backbone,

@@ -412,12 +412,21 @@ def test_cli_exports_next_version_and_prints_it(exported, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(base / NAME / "1")
     assert not (base / NAME / "1" / "assets.extra" / serving.WARMUP_FILE).exists()
     assert 'base_path: "/models/fmnist"' in (base / "models.config").read_text()
-    # The existing version is kept; the next export gets version 2, with warmup by default.
+    # The same weights again: no identical version 2 for TF Serving to reload; version 1 is printed.
     assert export_main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(base / NAME / "1")
+    assert err.strip() == f"vicreg-export: {base / NAME / '1'} already holds these weights; no new version written"
+    assert sorted(p.name for p in (base / NAME).iterdir()) == ["1"]
+    # Other weights: the existing version is kept; the next export gets version 2, with warmup by default.
+    other = tmp_path / "other.keras"
+    make_test_backbone(seed=1).save(other)
+    other_args = ["--backbone", str(other), "--base", str(base), "--name", NAME]
+    assert export_main(other_args) == 0
     assert capsys.readouterr().out.strip() == str(base / NAME / "2")
     assert (base / NAME / "2" / "assets.extra" / serving.WARMUP_FILE).is_file()
     # An explicit existing version fails with exit status 1 and a message naming it.
-    assert export_main(args + ["--version", "2"]) == 1
+    assert export_main(other_args + ["--version", "2"]) == 1
     assert str(base / NAME / "2") in capsys.readouterr().err
 
 

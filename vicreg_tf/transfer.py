@@ -52,27 +52,6 @@ def set_trainable(backbone: keras.Model, trainable: bool, *, freeze_batchnorm: b
     return backbone
 
 
-def check_keras_file(path) -> Path:
-    """A `.keras` file that exists and is a complete zip archive, or a one-line error naming it.
-
-    Keras reports a truncated file as "File not found"; this says what is wrong.
-    """
-    import zipfile
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no backbone file at {path}")
-    if path.is_file() and path.suffix == ".keras":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError):
-            bad = True
-        if bad:
-            raise ValueError(f"not a valid .keras file (truncated or not a zip): {path}")
-    return path
-
-
 def load_backbone(path: str | os.PathLike, trainable: bool = False) -> keras.Model:
     """Loads a backbone from a `.keras` file, frozen unless `trainable=True`.
 
