@@ -108,7 +108,7 @@ def test_two_workers_match_each_other_and_a_single_process(tmp_path):
              "--config.training.mixed_precision=float64"]
     result = _launch(tmp_path, tmp_path / "cluster", *steps)
     assert result.returncode == 0, result.stdout[-4000:]
-    assert "[worker 1]" in result.stdout
+    assert "launch_local: worker 1 pid" in result.stdout
     chief = _weights(tmp_path / "cluster" / "vicreg.keras")
     (other_dir,) = (tmp_path / "scratch").glob("vicreg-worker1-*")
     other = _weights(other_dir / "vicreg.keras")
@@ -122,6 +122,33 @@ def test_two_workers_match_each_other_and_a_single_process(tmp_path):
     assert len(alone) == len(chief)
     for a, b in zip(chief, alone):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_launcher_starts_the_installed_trainer():
+    from vicreg_tf.trainers import launch_local as installed
+
+    assert installed.PRETRAIN == "vicreg_tf.trainers.pretrain" and launch_local.PRETRAIN == "trainers.pretrain"
+
+
+@pytest.mark.large
+def test_the_console_launcher_runs_outside_the_checkout_and_only_the_chief_reports(tmp_path):
+    launcher = Path(sys.executable).parent / "vicreg-launch-local"
+    assert launcher.exists(), f"vicreg-launch-local is not installed next to {sys.executable} (pip install -e .)"
+    env = {k: v for k, v in _env(tmp_path).items() if k not in ("PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")}
+    result = subprocess.run(
+        [str(launcher), "--workers=2", "--timeout=380", "--", "--config=tiny", f"--workdir={tmp_path / 'run'}",
+         "--config.export.enabled=False", "--config.training.epochs=1", "--config.training.steps_per_epoch=2",
+         "--config.eval.knn_every=1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    chief = [line for line in result.stdout.splitlines() if line.startswith("[worker 0] ")]
+    other = [line for line in result.stdout.splitlines() if line.startswith("[worker 1] ")]
+    assert any("val_knn_top1" in line for line in chief), chief  # the chief's epoch line, with the kNN monitor
+    assert any('"effective_rank"' in line for line in chief), chief  # and its summary
+    assert other == [], other  # the other worker: neither progress nor a kNN monitor, nor the summary
+    for noise in ("oneDNN custom operations", "cpu_feature_guard", "absl::InitializeLog", "cuda"):
+        assert noise not in result.stdout + result.stderr, noise
+    assert (tmp_path / "run" / "vicreg.keras").exists()
 
 
 @pytest.mark.large

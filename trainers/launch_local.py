@@ -1,11 +1,12 @@
 """Runs N vicreg-train workers on this machine as one MultiWorkerMirroredStrategy cluster.
 
-    python -m trainers.launch_local --workers=2 -- --config=configs/tiny.py --workdir=/tmp/run
+    vicreg-launch-local --workers=2 -- --config=tiny --workdir=/tmp/run
 
 Each worker gets a free port on 127.0.0.1 and its own TF_CONFIG; their output
 is streamed with a "[worker i]" prefix. If one worker fails (or is killed),
 the others are stopped and the launcher exits with that worker's code, so a
-job never hangs on a dead peer. Rerunning the same command resumes from the
+job never hangs on a dead peer. The chief (worker 0) prints the progress and
+the kNN monitor; the others print only warnings and errors. Rerunning the same command resumes from the
 chief's last backup. For real clusters set TF_CONFIG on each host instead
 (docs/DISTRIBUTED.md).
 """
@@ -48,8 +49,12 @@ def _stream(index: int, pipe) -> None:
         sys.stdout.flush()
 
 
+# vicreg_tf.trainers.pretrain when installed, trainers.pretrain in the repository.
+PRETRAIN = f"{__package__ or 'trainers'}.pretrain"
+
+
 def launch(num_workers: int, train_args: list[str], timeout: float | None = None,
-           module: str = "trainers.pretrain") -> int:
+           module: str = PRETRAIN) -> int:
     if num_workers < 1:
         raise ValueError(f"--workers must be >= 1, got {num_workers}")
     procs, threads = [], []
@@ -98,7 +103,7 @@ def launch(num_workers: int, train_args: list[str], timeout: float | None = None
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vicreg-launch-local", description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, required=True, help="number of worker processes")
     parser.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the vicreg-train arguments")

@@ -32,10 +32,15 @@ import sys as _sys
 # hides its start-up notices, and answer --help without it: for them the names below load on
 # first use (PEP 562). Everyone else gets them at once, as before, with the Keras classes
 # (VICReg, the view layers, ...) registered for keras.saving.load_model.
-_CONSOLE_SCRIPTS = ("vicreg-train", "vicreg-eval", "vicreg-export", "vicreg-import")
-_PROGRAMS = ("trainers/pretrain.py", "trainers/linear_eval.py", "export/export.py", "export/import_torch.py")
+_CONSOLE_SCRIPTS = ("vicreg-train", "vicreg-eval", "vicreg-export", "vicreg-import", "vicreg-launch-local")
+_PROGRAMS = ("trainers/pretrain.py", "trainers/linear_eval.py", "export/export.py", "export/import_torch.py",
+             "trainers/launch_local.py")
 _PROGRAM = (_sys.argv[0] if _sys.argv else "").replace(_os.sep, "/")
-_LAZY = _os.path.basename(_PROGRAM) in _CONSOLE_SCRIPTS or _PROGRAM.endswith(_PROGRAMS)
+# `python -m vicreg_tf.trainers.pretrain`: this package loads while sys.argv[0] is still "-m".
+_ORIG_ARGV = list(getattr(_sys, "orig_argv", []))
+_MODULE = _ORIG_ARGV[_ORIG_ARGV.index("-m") + 1] if "-m" in _ORIG_ARGV[:-1] else ""
+_LAZY = (_os.path.basename(_PROGRAM) in _CONSOLE_SCRIPTS or _PROGRAM.endswith(_PROGRAMS)
+         or (_PROGRAM == "-m" and (_MODULE.replace(".", "/") + ".py").endswith(_PROGRAMS)))
 
 if not _LAZY:
     from vicreg_tf.distribute import gather_replicas, num_replicas
