@@ -1,6 +1,6 @@
 # The two commands of the README, for a fresh machine:
 #   make demo   set up, pretrain on Fashion-MNIST, evaluate, export (about 30 min on 2 CPU cores)
-#   make test   set up and run the test suite
+#   make test   set up (with the tests' extras: pytest, PyTorch's CPU build) and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,18 +8,25 @@ WORKDIR ?= runs/fashion_mnist
 CONFIG ?= configs/fashion_mnist.py
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test test-fast bench clean
+.PHONY: setup setup-test data demo test test-fast bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=70" wheel
-	# PyTorch only reads .pth checkpoints (vicreg-import and its tests); pinned to the CPU
-	# build these machines carry in /opt/wheels, since a bare "torch" resolves to a CUDA build of GBs.
+	$(PY) -m pip install -q -e ".[serving]"
+	touch $@
+
+# The tests' extras, for make test only. PyTorch only reads .pth checkpoints (vicreg-import and
+# its tests); pinned to the CPU build these machines carry in /opt/wheels, since a bare "torch"
+# resolves to a CUDA build of GBs.
+$(VENV)/.test-installed: $(VENV)/.installed
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test,serving]"
 	touch $@
 
 setup: $(VENV)/.installed
+
+setup-test: $(VENV)/.test-installed
 
 # Fashion-MNIST comes from Debian's package (tensorflow-datasets cannot download offline).
 data:
@@ -32,10 +39,10 @@ demo: setup data
 	$(VENV)/bin/vicreg-train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(VENV)/bin/vicreg-eval --config=$(CONFIG) --backbone=$(WORKDIR)/backbone.keras
 
-test: setup data
+test: setup-test data
 	$(PY) -m pytest -q
 
-test-fast: setup data
+test-fast: setup-test data
 	$(PY) -m pytest -q -m "not large"
 
 bench: setup data

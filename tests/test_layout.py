@@ -143,6 +143,7 @@ def test_the_wheel_installs_only_vicreg_tf(wheel):
     with zipfile.ZipFile(wheel) as archive:
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "vicreg-train = vicreg_tf.trainers.pretrain:main" in entry_points
+    assert "vicreg-launch-local = vicreg_tf.trainers.launch_local:main" in entry_points
 
 
 @pytest.mark.large
@@ -175,3 +176,40 @@ def test_a_non_editable_install_trains_and_exports_from_another_directory(wheel,
                             capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
     assert (tmp_path / "models" / "tiny" / "1" / "saved_model.pb").exists()
+
+
+def _make_dry_run(target: str, tmp_path) -> str:
+    """The commands `make TARGET` would run for a fresh virtualenv (make -n runs none of them)."""
+    result = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_make_demo_installs_no_pytorch_and_make_test_the_pinned_cpu_build(tmp_path):
+    import configparser
+
+    demo = _make_dry_run("demo", tmp_path)
+    assert "pip install" in demo and "vicreg-train" in demo
+    assert "torch" not in demo and "[test" not in demo
+    test = _make_dry_run("test", tmp_path)
+    assert 'pip install -q "torch==2.13.0"' in test and ".[test" in test and "pytest" in test
+    # No extra that make installs brings an unpinned torch with it.
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    extras = setup["options.extras_require"]
+    for extra in ("serving", "test"):
+        assert "torch" not in extras[extra], extra
+    assert "torch" not in setup["options"]["install_requires"]
+    assert "torch" in extras["torch"]  # users who import checkpoints: pip install "vicreg-tf[torch]"
+
+
+def test_programs_run_as_modules_of_the_installed_package_load_tensorflow_lazily(tmp_path):
+    # `python -m vicreg_tf.trainers.X`: vicreg_tf loads while sys.argv[0] is still "-m".
+    for module in ("vicreg_tf.trainers.launch_local", "vicreg_tf.trainers.pretrain"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                                cwd=tmp_path, timeout=120, env=dict(os.environ, PYTHONPROFILEIMPORTTIME="1"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")]
+        assert "vicreg_tf.trainers" in imported and "tensorflow" not in imported, module
