@@ -83,3 +83,17 @@ def test_readme_serving_recipe_matches_the_export_and_the_container(tmp_path, mo
     assert 0.0 <= instances.min() and instances.max() <= 1.0
     curl = commands["curl"]
     assert f"/v1/models/{export_args['name']}:predict" in curl[2] and curl[-1] == "@request.json"
+
+
+def test_readme_commands_name_installed_programs():
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    programs = {line.split("=")[0].strip() for line in setup["options.entry_points"]["console_scripts"].splitlines()
+                if line.strip()}
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## The command-line tools\n\n```bash\n(.*?)```", text, re.S).group(1)
+    for line in block.splitlines():
+        assert line.split()[0] in programs, line  # not `python -m trainers...`: that needs the checkout
+    assert any(line.startswith("vicreg-launch-local --workers=2 -- ") for line in block.splitlines())
