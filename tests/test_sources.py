@@ -255,6 +255,25 @@ def test_folder_with_no_images_and_missing_folder_are_named(tmp_path):
         data.FolderSource(tmp_path / "missing")
 
 
+def test_the_start_up_check_decodes_a_bounded_random_sample_of_the_folder(tmp_path, monkeypatch):
+    from vicreg_tf.data import folders
+
+    for k in range(150):
+        if k % 3:
+            (tmp_path / f"{k:03d}.png").write_bytes(b"not an image")
+        else:
+            Image.fromarray(np.full((4, 4, 3), k, np.uint8)).save(tmp_path / f"{k:03d}.png")
+    source = data.FolderSource(tmp_path)
+    opened = []
+    readable = folders._readable
+    monkeypatch.setattr(folders, "_readable", lambda names, channels: opened.extend(names) or readable(names, channels))
+    bad, checked = source.sample_unreadable(64, seed=0)
+    assert checked == 64 and len(opened) == 64 and len(set(opened)) == 64  # not the whole folder
+    assert 0.5 < bad / checked < 0.85  # about two thirds do not decode
+    assert source.sample_unreadable(64, seed=0) == (bad, checked)  # the same sample for the same seed
+    assert data.FolderSource(tmp_path).limited(10).sample_unreadable(64)[1] == 10  # a small folder: every file
+
+
 def test_folder_eval_split_is_held_out_stably_by_name(photos):
     train, held = data.FolderSource(photos, split="train"), data.FolderSource(photos, split="eval", eval_fraction=0.25)
     train25 = data.FolderSource(photos, split="train", eval_fraction=0.25)
