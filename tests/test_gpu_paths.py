@@ -105,7 +105,7 @@ def strategies():
 
 def _expected(cell) -> set:
     """The statuses a cell may end in: refused where XLA cannot work, traced where XLA meets a collective."""
-    if cell.xla and (cell.views == "device" or cell.strategy == "mirrored2"):
+    if cell.xla and (cell.views == "device" or cell.strategy in ("mirrored2", "multiworker")):
         return {"refused"}
     if cell.xla and cell.strategy != "default":
         return {"traced"}

@@ -604,12 +604,13 @@ class VICReg(keras.Model):
 def xla_refusal(device_views: bool, strategy) -> str:
     """Why XLA cannot compile the train step in this setup, or "" where it can.
 
-    Two cases, found by tests/test_gpu_paths.py on TensorFlow's GPU code paths
+    Three cases, found by tests/test_gpu_paths.py on TensorFlow's GPU code paths
     (docs/DISTRIBUTED.md): the view ops made inside the step have data-dependent
-    shapes, and Keras compiles one step of *every* local replica as one XLA
-    cluster, which runs on one device and cannot read another device's variables
+    shapes; Keras compiles one step of *every* local replica as one XLA cluster,
+    which runs on one device and cannot read another device's variables
     (TensorFlow's XLA known issue "tf.Variable on a different device"; a plain
-    Keras model fails the same way).
+    Keras model fails the same way); and across workers the all-gather of the
+    embeddings (CollectiveGatherV2) has no XLA kernel. XLA works on one replica.
     """
     if device_views:
         return ("views made on the device (device_views) have data-dependent shapes, which XLA does not "
@@ -621,6 +622,9 @@ def xla_refusal(device_views: bool, strategy) -> str:
     if local > 1:
         return (f"{type(strategy).__name__} has {local} replicas on this worker, and Keras compiles all of them "
                 "as one XLA cluster, which cannot read the other devices' variables")
+    if strategy.num_replicas_in_sync > 1:
+        return (f"the embeddings are all-gathered across {strategy.num_replicas_in_sync} replicas, and XLA has no "
+                "kernel for that collective (CollectiveGatherV2)")
     return ""
 
 
