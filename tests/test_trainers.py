@@ -47,7 +47,7 @@ def test_every_shipped_config_loads_locked_and_documents_its_command():
 
 def test_imagenet_config_is_the_papers_recipe():
     config = _config("imagenet_resnet50")
-    assert config.model.backbone == "resnet50"
+    assert config.model.backbone == "resnet50_torchvision"  # v1.5, as the official weights (issue 21)
     assert config.model.projector == "8192-8192-8192"
     assert (config.optimizer.name, config.optimizer.base_learning_rate) == ("lars", 0.2)
     assert config.optimizer.weight_decay == 1e-6
