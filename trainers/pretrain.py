@@ -70,17 +70,17 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
     keras.utils.set_random_seed(config.seed)
     precision = build.resolve_mixed_precision(config, strategy)  # "auto": bfloat16 where it is native
+    build.check_precision(precision, strategy)
+    jit_compile = build.resolve_jit_compile(config, strategy)  # "auto": XLA on one GPU only
+    on_device = build.views_on_device(config, strategy)
     if precision:
         keras.mixed_precision.set_global_policy(precision)
-    jit_compile = build.resolve_jit_compile(config, strategy)  # "auto": XLA on one GPU only
-    print(f"precision: {precision or 'float32'}, XLA: {'on' if jit_compile else 'off'}, "
-          f"{strategy.num_replicas_in_sync} replica(s) on {build.training_device_kind(strategy)}", flush=True)
+    print(build.describe_setup(config, strategy, precision, jit_compile, on_device), flush=True)
 
     backup_dir = os.path.join(workdir, "backup")
     # Epochs done, and steps done of the next one (a run stopped by SIGTERM backs up mid-epoch).
     start_epoch, start_step = training.read_backup_position(backup_dir)
     epochs = config.training.epochs
-    on_device = build.views_on_device(config, strategy)
 
     def make_dataset(first_epoch, first_step=0):
         # Streams: each worker reads, decodes and crops only its rows of each global batch.
@@ -94,9 +94,6 @@ def train(config, workdir: str | os.PathLike) -> dict:
         model = build.make_model(config, total_steps=steps * config.training.epochs)  # config.model.method
         model.compile(optimizer=build.make_optimizer(config, steps), jit_compile=jit_compile)
     if on_device:  # the views' second stage (flip, color, blur, solarize) inside the train step
-        if jit_compile:
-            raise ValueError("config.views.on_device needs config.training.jit_compile=off "
-                             "(the view ops have data-dependent shapes)")
         with strategy.scope():
             model.device_views = build.make_views(config, seed=config.seed)
 
