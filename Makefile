@@ -8,7 +8,7 @@ WORKDIR ?= runs/fashion_mnist
 CONFIG ?= configs/fashion_mnist.py
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup setup-test data demo test test-fast bench clean
+.PHONY: setup setup-test data demo test test-fast test-gpu-matrix bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test: setup-test data
 
 test-fast: setup-test data
 	$(PY) -m pytest -q -m "not large"
+
+# All 192 cells of the GPU-path matrix (the default suite runs a covering subset of 17).
+test-gpu-matrix: setup-test data
+	$(PY) -m pytest -q tests/test_gpu_paths.py -k matrix_cell --gpu-matrix=full
 
 bench: setup data
 	$(PY) -m bench

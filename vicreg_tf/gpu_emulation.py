@@ -253,7 +253,8 @@ def _run_cell(cell, strategy, augment):
         history = model.fit(_batches(views, device, 2, seed=1), epochs=1, steps_per_epoch=2, verbose=0).history
     except Exception as error:  # noqa: BLE001  anything but XLA's CPU collective error fails the cell
         if cell.xla and is_xla_cpu_collective_error(error):
-            return {"status": "traced", "error": str(error).strip().splitlines()[-1][:200]}
+            line = next(l for l in str(error).splitlines() if any(t in l for t in _XLA_CPU_COLLECTIVE_ERRORS))
+            return {"status": "traced", "error": line.strip()[:200]}
         raise
     losses = history["loss"]
     if not all(math.isfinite(v) for v in losses):
