@@ -162,6 +162,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
     epochs_logged = [int(row.split(",")[0]) for row in (killed / "log.csv").read_text().splitlines()[1:]]
     assert epochs_logged[-(4 - stopped_at):] == list(range(stopped_at, 4)), epochs_logged
+    # The steps done after the backup, before the kill, are written once, by the rerun.
+    steps = [int(row.split(",")[0]) for row in (killed / "steps.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 4 * 2048 // 64 + 1)), steps
 
 
 def test_sigterm_backs_up_at_the_next_step_and_the_rerun_ends_with_the_same_weights(tmp_path):
