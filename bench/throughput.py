@@ -204,7 +204,7 @@ def _tf_worker(spec: dict) -> None:
 
     @tf.function(jit_compile=bool(spec.get("jit_compile")))
     def forward(a, b):
-        z_a, z_b = model._embed(a, b, training=True)
+        z_a, z_b = model.embed(a, b, training=True)
         return tf.reduce_sum(tf.cast(z_a, tf.float32)) + tf.reduce_sum(tf.cast(z_b, tf.float32))
 
     @tf.function(jit_compile=bool(spec.get("jit_compile")))

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 import vicreg_tf
+import vicreg_tf.base as base_module
 import vicreg_tf.model as model_module
 from vicreg_tf import gather_replicas, VICReg
 
@@ -68,7 +69,7 @@ def test_without_gather_the_comparison_fails(initial_weights, two_cpu_strategy, 
 def test_without_replica_scaling_the_comparison_fails(initial_weights, two_cpu_strategy, monkeypatch):
     """Test of the test: a loss not divided by the number of replicas must be caught."""
     single, _ = _one_step(initial_weights)
-    monkeypatch.setattr(model_module, "num_replicas", lambda: 1)
+    monkeypatch.setattr(base_module, "num_replicas", lambda: 1)
     mirrored, _ = _one_step(initial_weights, two_cpu_strategy)
     assert _max_diff(single, mirrored) > 1e-4
 
@@ -230,7 +231,7 @@ def test_packed_synchronized_batchnorm_matches_keras(two_cpu_strategy):
             layer.gamma.assign([1.5, 0.5, 2.0])
             layer.beta.assign([0.1, -0.2, 0.3])
         if fused:
-            vicreg_tf.model.use_fused_batchnorm(layer)
+            vicreg_tf.batchnorm.use_fused_batchnorm(layer)
 
         def step(x, dy):
             with tf.GradientTape() as tape:

@@ -49,7 +49,8 @@ def test_regularizer_equals_vicreg_loss_variance_and_covariance_terms(rng):
     a, b = variance_covariance_regularizer(z_a, 2.0, 0.5), variance_covariance_regularizer(z_b, 2.0, 0.5)
     np.testing.assert_allclose(0.5 * (a["variance"] + b["variance"]), reference["variance"], rtol=1e-6)
     np.testing.assert_allclose(a["covariance"] + b["covariance"], reference["covariance"], rtol=1e-6)
-    np.testing.assert_allclose(a["loss"], 2.0 * a["variance"] + 0.5 * a["covariance"], rtol=1e-6)
+    # VICReg's pair convention: one branch's share, mu / 2 * variance + nu * covariance.
+    np.testing.assert_allclose(a["loss"], 0.5 * 2.0 * a["variance"] + 0.5 * a["covariance"], rtol=1e-6)
 
 
 def test_regularizer_layer_passes_through_and_adds_its_loss_only_in_training(rng):
@@ -194,9 +195,9 @@ def test_simsiam_target_branch_receives_no_gradient():
         loss = model.compute_vicreg_terms(views, training=True)["loss"]
     gradients = tape.gradient(loss, variables)
     # The same loss with the targets as constants: equal gradients mean none flowed through them.
-    z_a, z_b = [tf.constant(z.numpy()) for z in model._embed(*views, training=True)]
+    z_a, z_b = [tf.constant(z.numpy()) for z in model.embed(*views, training=True)]
     with tf.GradientTape() as tape:
-        online_a, online_b = model._embed(*views, training=True)
+        online_a, online_b = model.embed(*views, training=True)
         p_a, p_b = model.predictor(online_a, training=True), model.predictor(online_b, training=True)
         constant = 0.5 * (negative_cosine_similarity(p_a, z_b) + negative_cosine_similarity(p_b, z_a))
     for g, h in zip(gradients, tape.gradient(constant, variables)):
@@ -358,3 +359,109 @@ def test_vicreg_train_runs_simsiam_from_the_command_line(tmp_path):
     log = (tmp_path / "log.csv").read_text().splitlines()
     assert "negative_cosine" in log[0] and len(log) == 3  # header + 2 epochs
     assert (tmp_path / "backbone.keras").exists()
+
+
+# -- issue 23: one convention, the papers' scales, the official builders ------------------------
+
+
+def test_regularizer_layer_on_both_views_adds_what_simsiam_adds_for_the_same_weights(rng):
+    from vicreg_tf.methods import _regularizer_terms
+
+    z_a = (0.5 * rng.normal(size=(16, 8))).astype(np.float32)
+    z_b = (0.5 * rng.normal(size=(16, 8))).astype(np.float32)
+    layer = VarianceCovarianceRegularizer(variance_weight=2.0, covariance_weight=0.3)
+    added = []
+    for z in (z_a, z_b):  # Keras keeps the losses of the last call only
+        layer(z, training=True)
+        added.append(float(layer.losses[0]))
+    variance, covariance = _regularizer_terms(tf.constant(z_a), tf.constant(z_b), 1.0, 1e-4)
+    np.testing.assert_allclose(sum(added), 2.0 * float(variance) + 0.3 * float(covariance), rtol=1e-6)
+
+
+def test_byol_loss_is_the_papers_sum_of_two_minus_two_cos_over_both_directions():
+    keras.utils.set_random_seed(0)
+    model = BYOL(_mlp(), projector="16-8", predictor="8", total_steps=10)
+    a, b = _cluster_views(16)
+    terms = model.compute_vicreg_terms((a, b), training=False)
+    p_a = model.predictor(model.projector(model.backbone(a)))
+    p_b = model.predictor(model.projector(model.backbone(b)))
+    t_a = model.target_projector(model.target_backbone(a))
+    t_b = model.target_projector(model.target_backbone(b))
+
+    def two_minus_two_cos(p, t):
+        p, t = np.asarray(p, np.float64), np.asarray(t, np.float64)
+        cos = (p * t).sum(1) / np.linalg.norm(p, axis=1) / np.linalg.norm(t, axis=1)
+        return np.mean(2.0 - 2.0 * cos)
+
+    expected = two_minus_two_cos(p_a, t_b) + two_minus_two_cos(p_b, t_a)
+    np.testing.assert_allclose(float(terms["loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(terms["loss"]), 4.0 + 4.0 * float(terms["negative_cosine"]), rtol=1e-5)
+
+
+def test_simsiam_has_the_official_output_batchnorm_and_predictor_bias():
+    model = SimSiam(_mlp(), projector="16-8", predictor="4")
+    last = model.projector.layers[-1]
+    assert isinstance(last, keras.layers.BatchNormalization) and not last.center and not last.scale
+    assert not model.projector.layers[-2].use_bias  # Dense without bias before the affine-free BN
+    assert model.predictor.layers[-1].use_bias
+    config = model.get_config()
+    assert config["output_batchnorm"] and config["predictor_bias"]
+    z = model.projector(np.random.default_rng(0).normal(size=(32, 32)).astype(np.float32), training=True)
+    np.testing.assert_allclose(np.mean(z.numpy(), axis=0), 0.0, atol=1e-5)  # normalised output
+
+
+def test_byol_without_total_steps_warns_in_fit():
+    model = BYOL(_mlp(), projector="16-8", predictor="8")
+    model.compile(optimizer=keras.optimizers.SGD(0.01))
+    with pytest.warns(UserWarning, match="total_steps=0"):
+        model.fit(_dataset(_cluster_views(32)), epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("method", ["simsiam", "logdet"])
+def test_family_configs_keep_device_views_and_second_backbone(method, tmp_path):
+    from vicreg_tf import augment
+    from vicreg_tf.backbones import small_cnn
+
+    views = augment.grayscale_views(16, seed=3)
+    kwargs = dict(device_views=views, second_backbone=small_cnn((16, 16, 1), widths=(4, 8)))
+    if method == "simsiam":
+        model = SimSiam(small_cnn((16, 16, 1), widths=(4, 8)), projector="16-8", predictor="4", **kwargs)
+    else:
+        model = EntropyVICReg(small_cnn((16, 16, 1), widths=(4, 8)), projector="16-8", **kwargs)
+    model.save(tmp_path / "m.keras")
+    reloaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert reloaded.device_views is not None and reloaded.device_views.get_config()["seed"] == 3
+    assert reloaded.second_backbone is not None
+
+
+def _logdet_float64(z, beta):  # the computation before 2026-12-02: everything in float64
+    z = tf.cast(z, tf.float64)
+    n, d = z.shape
+    a = (z - tf.reduce_mean(z, 0, keepdims=True)) / math.sqrt(n - 1)
+    gram = tf.matmul(a, a, transpose_b=True) if n < d else tf.matmul(a, a, transpose_a=True)
+    chol = tf.linalg.cholesky(gram + beta * tf.eye(min(n, d), dtype=tf.float64))
+    extra = (d - n) * math.log(beta) if n < d else 0.0
+    return 0.5 * (2.0 * float(tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)))) + extra)
+
+
+@pytest.mark.parametrize("n,d", [(64, 16), (16, 64)])
+def test_entropy_estimators_from_a_float32_gram_match_float64_within_1e_5(rng, n, d):
+    z = (1.0 + rng.normal(size=(n, d))).astype(np.float32)  # an offset: centring must come before the product
+    np.testing.assert_allclose(float(logdet_entropy(z, 1e-3)), _logdet_float64(z, 1e-3), rtol=1e-5, atol=1e-5)
+    width = math.sqrt(d)
+    np.testing.assert_allclose(float(pairwise_entropy(z, width)), pairwise_entropy_numpy(z, width),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_methods_registry_builds_every_method_by_name():
+    import importlib
+
+    from trainers import build
+
+    config = importlib.import_module("configs.tiny").get_config()
+    names = {"vicreg": "VICReg", "simsiam": "SimSiam", "byol": "BYOL"}
+    for name in METHODS:
+        config.model.method = name
+        model = build.make_model(config, total_steps=4)
+        assert model.metric_names[0] == "loss" and "embedding_std" in model.metric_names, name
+        assert type(model).__name__ == names.get(name, "EntropyVICReg"), name

@@ -187,7 +187,7 @@ def test_auto_never_picks_a_cell_that_cannot_work(kind, replicas, config_name, t
     import tensorflow as tf
 
     from trainers import build
-    from vicreg_tf.model import xla_refusal
+    from vicreg_tf.base import xla_refusal
 
     monkeypatch.setattr(build, "training_device_kind", lambda strategy: kind)
     monkeypatch.setattr(build, "gpu_capabilities", lambda: [(8, 0)] * replicas)

@@ -169,14 +169,14 @@ def resolve_jit_compile(config, strategy) -> bool:
     Off on CPUs (measured: 0.71x the step without XLA for the small CNN) and under
     several replicas in a worker or across workers. An explicit "on" where XLA
     cannot compile the step (views made on the device; several replicas in one
-    worker, `vicreg_tf.model.xla_refusal`) is a one-line error naming what works.
+    worker, `vicreg_tf.base.xla_refusal`) is a one-line error naming what works.
     """
     value = _JIT_VALUES.get(str(config.training.jit_compile).lower())
     if value is None:
         raise ValueError(f"config.training.jit_compile must be 'auto', 'on' or 'off', got {config.training.jit_compile!r}")
     views = _views_value(config)
     if value is True:
-        from vicreg_tf.model import xla_refusal
+        from vicreg_tf.base import xla_refusal
 
         refusal = xla_refusal(views == "on", strategy)
         if refusal:
@@ -308,37 +308,9 @@ def make_model(config, total_steps: int = 0):
     Call inside `strategy.scope()`. `total_steps` (epochs x steps per epoch) sets
     BYOL's EMA schedule; the other methods ignore it.
     """
-    import vicreg_tf
     from vicreg_tf.methods import METHODS
 
-    model = config.model
-    method = model.get("method", "vicreg")
+    method = config.model.get("method", "vicreg")
     if method not in METHODS:
         raise ValueError(f"unknown model.method {method!r}; expected one of {', '.join(METHODS)}")
-    backbone = make_backbone(config)
-    if method == "vicreg":
-        return vicreg_tf.VICReg(
-            backbone,
-            projector=model.projector,
-            invariance_weight=model.invariance_weight,
-            variance_weight=model.variance_weight,
-            covariance_weight=model.covariance_weight,
-        )
-    if method in ("simsiam", "byol"):
-        kwargs = dict(
-            predictor=model.predictor or None,
-            variance_weight=model.regularizer_variance_weight,
-            covariance_weight=model.regularizer_covariance_weight,
-        )
-        if method == "simsiam":
-            return vicreg_tf.SimSiam(backbone, model.projector, **kwargs)
-        return vicreg_tf.BYOL(backbone, model.projector, tau_base=model.tau_base, total_steps=total_steps, **kwargs)
-    return vicreg_tf.EntropyVICReg(
-        backbone,
-        model.projector,
-        entropy=method,
-        invariance_weight=model.invariance_weight,
-        entropy_weight=model.entropy_weight,
-        beta=model.entropy_beta,
-        kernel_width=model.kernel_width,
-    )
+    return METHODS[method](make_backbone(config), config.model, total_steps)

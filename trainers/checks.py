@@ -249,10 +249,10 @@ def diverged_message(error: BaseException, workdir: Path, config) -> str | None:
     """One line (plus a hint) for a run stopped by a non-finite step; None for other errors."""
     import tensorflow as tf
 
-    from vicreg_tf import model, training
+    from vicreg_tf import guard, training
 
     if isinstance(error, tf.errors.InvalidArgumentError):
-        if model.NON_FINITE_STEP_MESSAGE.split(":")[0] not in str(error):
+        if guard.NON_FINITE_STEP_MESSAGE.split(":")[0] not in str(error):
             return None
     elif not isinstance(error, FloatingPointError):
         return None

@@ -52,7 +52,8 @@ if not _LAZY:
         pairwise_entropy,
         variance_covariance_regularizer,
     )
-    from vicreg_tf.model import VICReg, StopOnNonFiniteLoss
+    from vicreg_tf.guard import StopOnNonFiniteLoss
+    from vicreg_tf.model import VICReg
     from vicreg_tf.methods import BYOL, EntropyVICReg, SimSiam
     from vicreg_tf.optimizers import LARS, scaled_learning_rate, warmup_cosine
     from vicreg_tf.projector import build_projector, parse_projector_spec
@@ -69,7 +70,8 @@ _EXPORTS = {
         "covariance_loss", "invariance_loss", "variance_loss", "vicreg_loss", "VarianceCovarianceRegularizer",
         "logdet_entropy", "negative_cosine_similarity", "pairwise_entropy", "variance_covariance_regularizer",
     ),
-    "vicreg_tf.model": ("VICReg", "StopOnNonFiniteLoss"),
+    "vicreg_tf.guard": ("StopOnNonFiniteLoss",),
+    "vicreg_tf.model": ("VICReg",),
     "vicreg_tf.methods": ("BYOL", "EntropyVICReg", "SimSiam"),
     "vicreg_tf.optimizers": ("LARS", "scaled_learning_rate", "warmup_cosine"),
     "vicreg_tf.projector": ("build_projector", "parse_projector_spec"),
@@ -80,9 +82,9 @@ _EXPORTS = {
     "vicreg_tf.transfer": ("load_backbone", "set_trainable"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = ("augment", "backbones", "data", "distribute", "evaluation", "kerascv_pipeline", "losses",
-               "methods", "model", "optimizers", "projector", "serving", "serving_client", "training",
-               "transfer", "torch_import")
+_SUBMODULES = ("augment", "backbones", "base", "batchnorm", "data", "distribute", "evaluation", "guard",
+               "kerascv_pipeline", "losses", "methods", "model", "optimizers", "projector", "serving",
+               "serving_client", "training", "transfer", "torch_import")
 
 
 def __getattr__(name: str):

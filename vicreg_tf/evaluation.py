@@ -27,6 +27,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from vicreg_tf import losses
+
 __all__ = [
     "extract_features",
     "knn_accuracy",
@@ -185,10 +187,10 @@ def fine_tune(
 
 def embedding_std(embeddings) -> float:
     """Mean over dimensions of the per-dimension standard deviation over the batch (N-1)."""
-    z = np.asarray(embeddings, dtype=np.float64)
+    z = np.asarray(embeddings, dtype=np.float32)
     if z.ndim != 2 or len(z) < 2:
         raise ValueError(f"embeddings must be [N, D] with N >= 2, got shape {z.shape}")
-    return float(np.mean(np.std(z, axis=0, ddof=1)))
+    return float(losses.embedding_std(z))
 
 
 def singular_values(embeddings) -> np.ndarray:

@@ -149,6 +149,18 @@ def vicreg_loss(
     }
 
 
+def embedding_std(z) -> tf.Tensor:
+    """Mean over dimensions of each dimension's standard deviation over the batch (N - 1); no gradient.
+
+    0 means collapse; VICReg's variance term pushes it to gamma (1). The one
+    definition: the training log, the summary and `vicreg_tf.evaluation` use it.
+    """
+    z = tf.stop_gradient(_as_float32(z))
+    n = tf.cast(tf.shape(z)[0], tf.float32)
+    centered = z - tf.reduce_mean(z, axis=0, keepdims=True)
+    return tf.reduce_mean(tf.sqrt(tf.reduce_sum(tf.square(centered), axis=0) / (n - 1.0)))
+
+
 # -- the VICReg family ---------------------------------------------------------------
 
 
@@ -168,6 +180,9 @@ def variance_covariance_regularizer(
     0.9 point. The terms are exactly `variance_loss` and `covariance_loss`, so
     with two branches `0.5 * (r(z_a)["variance"] + r(z_b)["variance"])` and
     `r(z_a)["covariance"] + r(z_b)["covariance"]` are `vicreg_loss`'s terms.
+    The weights follow VICReg's pair convention: `loss` is mu / 2 * variance +
+    nu * covariance, one branch's share, so the losses of both branches add up
+    to mu * (v_a + v_b) / 2 + nu * (c_a + c_b), as in SimSiam / BYOL here.
 
     Batch statistics: under a `tf.distribute` strategy pass the batch gathered
     from all replicas (`vicreg_tf.gather_replicas`), and divide the loss by the
@@ -187,8 +202,8 @@ def variance_covariance_regularizer(
         eps: added to the variance before the square root.
 
     Returns:
-        A dict with `loss` (the weighted sum) and the unweighted `variance` and
-        `covariance`, float32 scalars.
+        A dict with `loss` (mu / 2 * variance + nu * covariance) and the
+        unweighted `variance` and `covariance`, float32 scalars.
 
     Example:
     >>> z = tf.random.normal((16, 8))
@@ -199,7 +214,10 @@ def variance_covariance_regularizer(
     z = _as_float32(z)
     variance = variance_loss(z, gamma, eps)
     covariance = covariance_loss(z)
-    loss = variance_weight * variance + covariance_weight * covariance
+    # One branch's share of VICReg's pair convention (variance averaged over the two
+    # branches, covariance summed): called on both views it adds what SimSiam's and
+    # BYOL's variance_weight / covariance_weight add.
+    loss = 0.5 * variance_weight * variance + covariance_weight * covariance
     return {"loss": loss, "variance": variance, "covariance": covariance}
 
 
@@ -223,8 +241,8 @@ def logdet_entropy(z, beta: float = 1e-3) -> tf.Tensor:
     code: this is written from the formula. Dropped: the additive constant
     D/2 log(2 pi e) of the Gaussian entropy (no gradient).
 
-    Numerics: covariance (N - 1) and log det in float64, log det from the
-    Cholesky factor. `beta` (an absolute jitter, in squared embedding units;
+    Numerics: the Gram matrix (N - 1) in float32, the log det in float64 from
+    the Cholesky factor. `beta` (an absolute jitter, in squared embedding units;
     1e-3 is 0.1% of the unit variance VICReg aims at) keeps Cov + beta I
     positive definite when the batch has fewer samples than dimensions
     (N <= D: rank <= N - 1) or a dimension collapses, and caps what a dead
@@ -237,15 +255,17 @@ def logdet_entropy(z, beta: float = 1e-3) -> tf.Tensor:
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0 (it keeps Cov + beta I positive definite), got {beta}")
-    z = tf.cast(tf.convert_to_tensor(z), tf.float64)
+    z = _as_float32(z)
     _check_embeddings(z, "embeddings")
     with tf.control_dependencies(_runtime_batch_check(z, "embeddings")):
         shape = tf.shape(z)
     n, d = shape[0], shape[1]
-    a = (z - tf.reduce_mean(z, axis=0, keepdims=True)) / tf.sqrt(tf.cast(n - 1, tf.float64))
+    a = (z - tf.reduce_mean(z, axis=0, keepdims=True)) / tf.sqrt(tf.cast(n - 1, tf.float32))
 
     def logdet(gram, size):
-        matrix = gram + beta * tf.eye(size, dtype=tf.float64)
+        # The Gram matrix in float32 (the costly product: N x D x min(N, D)); only the small
+        # matrix goes to float64 for the Cholesky factor.
+        matrix = tf.cast(gram, tf.float64) + beta * tf.eye(size, dtype=tf.float64)
         chol = tf.linalg.cholesky(matrix)
         return 2.0 * tf.reduce_sum(tf.math.log(tf.linalg.diag_part(chol)))
 
@@ -277,8 +297,8 @@ def pairwise_entropy(z, kernel_width: float) -> tf.Tensor:
     Returned: the second part only; the constant D/2 (1 + log 2 pi s^2) has no
     gradient and is dropped, so the value lies in [0, log N] (0: every point
     equal; log N: points far apart relative to s). (The Bhattacharyya lower
-    bound would use exp(-||z_i - z_j||^2 / (8 s^2)).) Squared distances in
-    float64, the inner sum by logsumexp.
+    bound would use exp(-||z_i - z_j||^2 / (8 s^2)).) The Gram matrix in float32,
+    the squared distances and the inner sum (logsumexp) in float64.
 
     Args:
         z: embeddings (N, D), N >= 2.
@@ -287,12 +307,15 @@ def pairwise_entropy(z, kernel_width: float) -> tf.Tensor:
     """
     if kernel_width <= 0:
         raise ValueError(f"kernel_width must be > 0, got {kernel_width}")
-    z = tf.cast(tf.convert_to_tensor(z), tf.float64)
+    z = _as_float32(z)
     _check_embeddings(z, "embeddings")
     with tf.control_dependencies(_runtime_batch_check(z, "embeddings")):
         n = tf.cast(tf.shape(z)[0], tf.float64)
-    squared_norms = tf.reduce_sum(tf.square(z), axis=1)
-    distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * tf.matmul(z, z, transpose_b=True)
+    # Distances from the float32 Gram matrix (the costly product); the N x N rest in float64.
+    z = z - tf.reduce_mean(z, axis=0, keepdims=True)  # distances do not change; the products lose less
+    gram = tf.cast(tf.matmul(z, z, transpose_b=True), tf.float64)
+    squared_norms = tf.linalg.diag_part(gram)  # from the same product: each point's distance to itself is 0
+    distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * gram
     distances = tf.maximum(distances, 0.0)  # rounding can make ||z_i||^2 + ||z_i||^2 - 2 z_i.z_i < 0
     log_kernel = -distances / (2.0 * float(kernel_width) ** 2)
     value = -tf.reduce_mean(tf.reduce_logsumexp(log_kernel, axis=1) - tf.math.log(n))

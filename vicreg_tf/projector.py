@@ -22,7 +22,8 @@ def parse_projector_spec(spec: str) -> list[int]:
     return sizes
 
 
-def build_projector(spec: str, *, name: str = "expander") -> keras.Sequential:
+def build_projector(spec: str, *, name: str = "expander", output_batchnorm: bool = False,
+                    last_bias: bool = False) -> keras.Sequential:
     """Builds the expander from a spec string, as `Projector()` in the official code.
 
     Every layer but the last is Dense -> BatchNormalization -> ReLU; the last is a
@@ -33,6 +34,9 @@ def build_projector(spec: str, *, name: str = "expander") -> keras.Sequential:
     Args:
         spec: layer widths separated by '-', e.g. "8192-8192-8192".
         name: the Keras name of the returned model.
+        output_batchnorm: end with a BatchNorm without scale and offset (SimSiam's
+            projector: BatchNorm1d(affine=False) after its last layer).
+        last_bias: a bias on the last Dense (SimSiam's predictor).
 
     Example:
     >>> expander = build_projector("64-64-32")
@@ -49,5 +53,8 @@ def build_projector(spec: str, *, name: str = "expander") -> keras.Sequential:
             ),
             layers.ReLU(name=f"relu{i}"),
         ]
-    blocks.append(layers.Dense(sizes[-1], use_bias=False, name=f"dense{len(sizes) - 1}"))
+    blocks.append(layers.Dense(sizes[-1], use_bias=last_bias, name=f"dense{len(sizes) - 1}"))
+    if output_batchnorm:
+        blocks.append(layers.BatchNormalization(momentum=0.9, epsilon=1e-5, synchronized=True, center=False,
+                                                scale=False, name=f"bn{len(sizes) - 1}"))
     return keras.Sequential(blocks, name=name)
