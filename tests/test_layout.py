@@ -213,3 +213,25 @@ def test_programs_run_as_modules_of_the_installed_package_load_tensorflow_lazily
         imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
                     if line.startswith("import time:")]
         assert "vicreg_tf.trainers" in imported and "tensorflow" not in imported, module
+
+
+def test_a_method_is_its_class_and_one_registry_entry():
+    """docs/ARCHITECTURE.md 'Where to add': nothing outside vicreg_tf/methods.py (and a config) names a method."""
+    import re
+
+    from vicreg_tf.base import BaseMethod
+    from vicreg_tf.methods import METHODS
+
+    build = (REPO / "trainers" / "build.py").read_text()
+    for name in METHODS:
+        assert not re.search(rf"[\"']{name}[\"']", build), f"trainers/build.py names the method {name!r}"
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    assert "compute_terms" in text and "METHODS" in text
+    import importlib
+
+    config = importlib.import_module("configs.tiny").get_config()
+    from trainers import build as build_module
+
+    for name in METHODS:
+        config.model.method = name
+        assert isinstance(build_module.make_model(config, total_steps=2), BaseMethod), name

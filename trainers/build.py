@@ -310,7 +310,7 @@ def make_model(config, total_steps: int = 0):
     """
     from vicreg_tf.methods import METHODS
 
-    method = config.model.get("method", "vicreg")
+    method = config.model.method
     if method not in METHODS:
         raise ValueError(f"unknown model.method {method!r}; expected one of {', '.join(METHODS)}")
     return METHODS[method](make_backbone(config), config.model, total_steps)
