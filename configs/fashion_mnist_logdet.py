@@ -7,7 +7,8 @@ Command:  vicreg-train --config=configs/fashion_mnist_logdet.py --workdir=runs/f
           The pairwise-distance estimator instead: ... --config.model.method=pairwise
           [--config.model.kernel_width=32.0]
 Hardware: 2 CPU cores, like fashion_mnist (the float64 Cholesky of a 256 x 256 matrix per view
-          and step is small next to the CNN).
+          and step is small next to the CNN; the Gram matrix is float32); on GPUs "auto" chooses as
+          fashion_mnist does.
 Result:   not measured at this (5-epoch) budget; the 2-epoch, 10,000-image comparison of the
           whole family is in docs/BENCHMARKS.md, "The VICReg family".
 Everything else is fashion_mnist's (equal budget).

@@ -4,7 +4,9 @@ Command:  vicreg-train --config=configs/fashion_mnist_simsiam.py --workdir=runs/
           With VICReg's variance and covariance on the expander outputs (VICReg Table 4):
           ... --config.model.regularizer_variance_weight=1.0 --config.model.regularizer_covariance_weight=0.01
           Without a predictor (collapses unless the variance term is on): --config.model.predictor=''
-Hardware: 2 CPU cores, like fashion_mnist.
+Hardware: 2 CPU cores, like fashion_mnist; on GPUs "auto" chooses as fashion_mnist
+          does (one GPU: XLA, host views, mixed_bfloat16 on compute capability >= 8.0; several:
+          MirroredStrategy, no XLA, views on the GPUs).
 Result:   not measured at this (5-epoch) budget; the 2-epoch, 10,000-image comparison of the
           whole family is in docs/BENCHMARKS.md, "The VICReg family".
 Everything else (data, views, expander 1024-1024-1024, LARS recipe, batch, epochs) is
