@@ -52,7 +52,7 @@ def slurm_cluster_resolver():
     (`--gpus-per-task`, `--gpu-bind`) decides; this task's visible GPUs are its replicas.
     """
     import tensorflow as tf
-    from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import expand_tasks_per_node
+    from vicreg_tf.compat import expand_tasks_per_node
 
     gpus = len(tf.config.list_physical_devices("GPU"))
     per_node = max(expand_tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", "1")))

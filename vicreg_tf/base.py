@@ -20,7 +20,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from vicreg_tf import guard
+from vicreg_tf import compat, guard
 from vicreg_tf.batchnorm import batchnorm_statistics, synchronize_batchnorm, use_fused_batchnorm
 from vicreg_tf.distribute import gather_replicas, num_replicas
 from vicreg_tf.projector import build_projector
@@ -174,13 +174,13 @@ class BaseMethod(keras.Model):
                     group=False,
                 )
 
-        tf.__internal__.distribute.interim.maybe_merge_call(update, self.distribute_strategy, rate)
+        compat.maybe_merge_call(update, self.distribute_strategy, rate)
 
     def _update_metrics(self, terms) -> dict[str, tf.Tensor]:
         for tracker in self.metrics:
             tracker.update_state(terms[tracker.name])
         results = {m.name: m.result() for m in self.metrics}
-        if _multi_worker(self.distribute_strategy):
+        if compat.in_multi_worker_mode(self.distribute_strategy):
             # Keras reduces a multi-worker step's outputs with reduce("MEAN", axis=0),
             # which needs an axis; every worker holds the same (global) values.
             results = {name: value[None] for name, value in results.items()}
@@ -198,7 +198,7 @@ class BaseMethod(keras.Model):
                     "got batches of crops (view_pair_batches(device_views=True)) but this model has no "
                     "device_views: pass device_views=the TwoViews of the pipeline"
                 )
-            from vicreg_tf.training import device_view_pairs
+            from vicreg_tf.data.pipeline import views_from_crops as device_view_pairs
 
             data = device_view_pairs(self.device_views, data)
         if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
@@ -283,7 +283,7 @@ class BaseMethod(keras.Model):
 
     def _build_from_views(self, view_a, view_b) -> None:
         """Builds what __init__ could not (a backbone whose input shape is not declared) from the views' shapes."""
-        if all(layer.built for layer in self._flatten_layers(include_self=False)):
+        if all(layer.built for layer in compat.sublayers(self)):
             return
         specs = [keras.KerasTensor(tuple(v.shape), keras.backend.standardize_dtype(v.dtype)) for v in (view_a, view_b)]
         pairs = [(self.backbone, self.projector, specs[0]),
@@ -313,7 +313,7 @@ class BaseMethod(keras.Model):
         # in __init__ where the backbone declares its input; only the optimizer is
         # left to build here. Otherwise they are built from the first batch's shapes
         # when the step is traced, as Keras does without a strategy.
-        if all(layer.built for layer in self._flatten_layers(include_self=False)):
+        if all(layer.built for layer in compat.sublayers(self)):
             if self.optimizer is not None and not self.optimizer.built:
                 with self.distribute_strategy.scope():
                     self.optimizer.build(self.trainable_variables)
@@ -492,9 +492,3 @@ def _input_dtype(encoder) -> str:
 
 def _shape_text(shape) -> str:
     return "(" + ", ".join("None" if d is None else str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
-
-
-def _multi_worker(strategy) -> bool:
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
-        strategy.extended._in_multi_worker_mode()
-    )

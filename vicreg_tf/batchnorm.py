@@ -11,6 +11,8 @@ import functools
 import keras
 import tensorflow as tf
 
+from vicreg_tf import compat
+
 
 def synchronize_batchnorm(model: keras.layers.Layer) -> None:
     """Makes every BatchNormalization in `model` compute its batch statistics over all replicas.
@@ -18,7 +20,7 @@ def synchronize_batchnorm(model: keras.layers.Layer) -> None:
     Keras reads `synchronized` at call time, so this converts a built model in
     place; inference (moving statistics) is unchanged.
     """
-    for layer in model._flatten_layers(include_self=True):
+    for layer in compat.sublayers(model, include_self=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
 
@@ -102,7 +104,7 @@ def use_fused_batchnorm(model: keras.layers.Layer, enabled: bool = True) -> None
     `keras.layers.BatchNormalization`, so saved backbones load without vicreg_tf.
     Measured in bench/throughput.py (2-core CPU, small CNN): see docs/BENCHMARKS.md.
     """
-    for layer in model._flatten_layers(include_self=True):
+    for layer in compat.sublayers(model, include_self=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             if enabled:
                 layer.call = functools.partial(_fused_batchnorm_call, layer)
@@ -115,7 +117,7 @@ def batchnorm_statistics(model) -> list:
     e.g. a BYOL target network, which the forward pass does not change)."""
     return [
         variable
-        for layer in model._flatten_layers(include_self=False)
+        for layer in compat.sublayers(model)
         if isinstance(layer, keras.layers.BatchNormalization)
         for variable in (layer.moving_mean, layer.moving_variance)
     ]

@@ -23,6 +23,7 @@ import warnings
 import keras
 import tensorflow as tf
 
+from vicreg_tf import compat
 from vicreg_tf.base import BaseMethod
 from vicreg_tf.batchnorm import use_fused_batchnorm
 from vicreg_tf.losses import (
@@ -40,7 +41,7 @@ from vicreg_tf.projector import build_projector, parse_projector_spec
 def _expander_width(model: BaseMethod) -> int:
     if model.projector_spec:
         return parse_projector_spec(model.projector_spec)[-1]
-    dense = [layer for layer in model.projector._flatten_layers() if isinstance(layer, keras.layers.Dense)]
+    dense = [layer for layer in compat.sublayers(model.projector) if isinstance(layer, keras.layers.Dense)]
     if not dense:
         raise ValueError("cannot tell the expander's output width: give the projector as a spec string")
     return dense[-1].units

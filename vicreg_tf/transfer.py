@@ -18,6 +18,7 @@ from pathlib import Path
 
 import keras
 
+from vicreg_tf import compat
 from vicreg_tf.serving import backbone_io_shape
 
 
@@ -40,7 +41,7 @@ def set_trainable(backbone: keras.Model, trainable: bool, *, freeze_batchnorm: b
     Example:
     >>> backbone = set_trainable(load_backbone("backbone.keras"), True)  # doctest: +SKIP
     """
-    layers = list(backbone._flatten_layers(include_self=True))
+    layers = compat.sublayers(backbone, include_self=True)
     # Every layer explicitly: Keras does not pass `trainable = True` down to the
     # sublayers of a model that is already trainable.
     for layer in layers:
