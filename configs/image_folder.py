@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.source = "folder"
     config.data.name = ""
     config.data.image_size = 64
+    config.data.eval_crop_fraction = 0.875  # photos of any size: 224 of 256, the standard evaluation crop
     config.data.train_split = "train"  # the files not held out
     config.data.eval_split = "eval"  # data.eval_fraction of the files, or data.eval_path
     config.training.epochs = 200

@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.name = "imagenet2012"
     config.data.eval_split = "validation"
     config.data.image_size = 224
+    config.data.eval_crop_fraction = 0.875  # the paper's evaluation: resize 256, center crop 224
     config.data.channels = 3
     config.data.shuffle_buffer = 10000  # encoded JPEGs, ~110 kB each: ~1.1 GB of host memory
     config.views.preset = "paper"

@@ -12,7 +12,6 @@ failed, 2 bad arguments or a checkpoint that does not fit --arch.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -57,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     with quiet_tensorflow_startup():
         import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
         import tensorflow  # noqa: F401
+    from vicreg_tf.atomic_io import save_keras_file
     from vicreg_tf.serving import export_for_serving
     from vicreg_tf.transfer import from_torch_checkpoint
 
@@ -69,15 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        out.mkdir(parents=True, exist_ok=True)
         keras_path = out / "backbone.keras"
-        # Keras insists on the .keras suffix; a hidden temporary name, then one rename.
-        tmp = out / f".backbone-{os.getpid()}.tmp.keras"
-        try:
-            backbone.save(tmp)
-            os.replace(tmp, keras_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        save_keras_file(backbone, keras_path)
         version_dir = export_for_serving(backbone, out / "export", name, warmup=args.warmup)
     except (FileExistsError, ValueError, OSError) as e:
         print(f"vicreg-import: error: {e}", file=sys.stderr)

@@ -355,6 +355,20 @@ def test_view_pairs_under_mirrored_strategy(two_cpu_strategy):
 def test_view_pairs_bad_batch_size_raises():
     with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
         data.view_pairs(_toy_images(), _noise_views, 0)
+    with pytest.raises(ValueError, match="shuffle_buffer must be an int >= 0, got -1"):
+        data.view_pairs(_toy_images(), _noise_views, 8, shuffle_buffer=-1)
+    with pytest.raises(ValueError, match="seed must be an int or None, got 1.5"):
+        data.view_pairs(_toy_images(), _noise_views, 8, seed=1.5)
+
+
+def test_view_pairs_shuffles_every_pass_and_batches_across_them():
+    # Image k is filled with k: a pass is a permutation of 0..9, and batches of 8 run on into the next pass.
+    images = data.from_arrays(np.arange(10, dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8))
+    pairs = data.view_pairs(images, lambda x, seed: (x, x), 8, seed=0)
+    ids = np.concatenate([np.round(a[:, 0, 0, 0] * 255).astype(int) for a, _ in _take(pairs, 5)])
+    passes = ids.reshape(4, 10)
+    assert all(sorted(p) == list(range(10)) for p in passes)
+    assert len({tuple(p) for p in passes}) == 4  # a new order each pass
 
 
 def test_eval_batches_keep_remainder_and_labels():

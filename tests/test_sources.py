@@ -11,7 +11,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import run_python
-from vicreg_tf import augment, data, training
+from vicreg_tf import augment, data
 
 
 def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -82,7 +82,7 @@ def _torchvision_crops(height, width, count, rng, scale=(0.08, 1.0), ratio=(3 / 
 
 def test_crop_area_and_aspect_follow_the_paper_over_10000_draws():
     crop = augment.RandomResizedCrop(224)
-    params = crop.sample(tf.constant([3, 4]), 10_000)
+    params = crop.get_random_transformation((10_000, None, None, 3), tf.constant([3, 4]))
     top, left, h, w = (v.numpy() for v in crop.window(params, tf.fill([10_000], 300.0), tf.fill([10_000], 400.0)))
     area, aspect = h * w / (300 * 400), w / h
     # Rounding the sides to pixels moves the edges of the ranges by a pixel's worth.
@@ -104,7 +104,7 @@ def test_one_pixel_and_tiny_images_fall_back_to_a_center_crop(tmp_path):
     Image.new("RGB", (3, 2), (90, 90, 90)).save(tmp_path / "tiny.png")
     source = data.FolderSource(tmp_path)
     views = augment.paper_views(16)
-    batches = training.view_pair_batches(source, views, 2, steps_per_epoch=3, epochs=1, seed=0)
+    batches = data.view_pair_batches(source, views, 2, steps_per_epoch=3, epochs=1, seed=0)
     for view_a, view_b in batches:
         assert view_a.shape == (2, 16, 16, 3) and np.isfinite(view_a.numpy()).all()
     assert not data.unreadable_images.take()
@@ -121,12 +121,41 @@ def test_eval_images_are_resized_then_center_cropped_not_squashed(tmp_path):
     np.testing.assert_allclose(next(iter(same.images(28)))[0].numpy(), 0.2, atol=1e-6)
 
 
+def _ramp(side: int) -> np.ndarray:
+    """A side x side uint8 image whose column j holds its centre's position (j + 0.5) / side."""
+    row = np.round((np.arange(side) + 0.5) / side * 255).astype(np.uint8)
+    return np.tile(row[None, :, None], (side, 1, 1))
+
+
+@pytest.mark.parametrize("crop_fraction", [0.875, 1.0])
+def test_eval_geometry_is_the_same_for_a_28x28_and_a_30x30_image(crop_fraction):
+    # Until issue 23 an image of exactly the output size skipped the resize and the crop: a 28x28
+    # image was evaluated whole while a 30x30 one lost its border. Now both keep the central
+    # crop_fraction of their shorter side, so output column k shows position 0.5 + ((k + 0.5) / 28 - 0.5) * f.
+    expected = 0.5 + ((np.arange(28) + 0.5) / 28 - 0.5) * crop_fraction
+    outs = [data.eval_transform(tf.constant(_ramp(side)), (28, 28), crop_fraction).numpy() for side in (28, 30)]
+    for out in outs:
+        assert out.shape == (28, 28, 1) and out.dtype == np.float32
+        np.testing.assert_allclose(out[14, 2:-2, 0], expected[2:-2], atol=1 / 255)  # the borders: the filter's edge
+    np.testing.assert_allclose(outs[0][:, 2:-2], outs[1][:, 2:-2], atol=2 / 255)
+
+
+def test_eval_crop_fraction_one_keeps_fashion_mnist_pixel_for_pixel():
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28, 1), dtype=np.uint8)
+    source = data.ArraySource(images)
+    got = np.stack([image for image, _ in source.images(28, crop_fraction=1.0).as_numpy_iterator()])
+    np.testing.assert_array_equal(got, images.astype(np.float32) / 255.0)
+    assert not np.array_equal(np.stack([i for i, _ in source.images(28).as_numpy_iterator()]), got)  # 0.875 crops
+    with pytest.raises(ValueError, match=r"crop_fraction must be a number in \(0, 1\], got 1.5"):
+        source.images(28, crop_fraction=1.5)
+
+
 # -- rows and workers ----------------------------------------------------------------
 
 
 def _views_of(source, start, count, *, batch=16, start_epoch=0, epochs=2, device=False, views=None):
     views = views or augment.paper_views(48)
-    return list(training.view_pair_batches(
+    return list(data.view_pair_batches(
         source, views, batch, steps_per_epoch=2, start_epoch=start_epoch, epochs=epochs, seed=5,
         row_start=start, row_count=count, device_views=device,
     ))
@@ -180,7 +209,7 @@ def test_views_made_on_the_device_equal_the_cpu_views(photos):
     crops = _views_of(source, 0, 16, views=views, epochs=1, device=True)
     for (a, b), batch in zip(cpu, crops):
         assert batch["crops_a"].dtype == tf.uint8
-        device_a, device_b = training.device_view_pairs(views, batch)
+        device_a, device_b = data.views_from_crops(views, batch)
         np.testing.assert_allclose(device_a.numpy(), a.numpy(), atol=1e-5)
         np.testing.assert_allclose(device_b.numpy(), b.numpy(), atol=1e-5)
 
@@ -199,7 +228,7 @@ def test_vicreg_trains_on_device_views_as_on_cpu_views(photos):
         model = vicreg_tf.VICReg(small_cnn((32, 32, 3), widths=(4, 8)), projector="16-16",
                                  device_views=views if device else None)
         model.compile(optimizer=keras.optimizers.SGD(0.01))
-        batches = training.view_pair_batches(source, views, 8, steps_per_epoch=2, epochs=1, seed=1, device_views=device)
+        batches = data.view_pair_batches(source, views, 8, steps_per_epoch=2, epochs=1, seed=1, device_views=device)
         history = model.fit(batches, epochs=1, steps_per_epoch=2, verbose=0).history
         return history["loss"][0], [w.numpy() for w in model.trainable_weights]
 
@@ -231,7 +260,7 @@ def test_an_image_that_fails_mid_epoch_is_replaced_and_counted(tmp_path):
     source = data.FolderSource(tmp_path)
     assert source.count == 7  # listed, never decoded up front
     data.unreadable_images.take()
-    batches = list(training.view_pair_batches(source, augment.paper_views(32), 7, steps_per_epoch=1, epochs=1))
+    batches = list(data.view_pair_batches(source, augment.paper_views(32), 7, steps_per_epoch=1, epochs=1))
     assert batches[0][0].shape == (7, 32, 32, 3)
     names = sorted(Path(n).name for n in data.unreadable_images.take())
     assert names == ["00002.jpg", "fake.png"]
@@ -241,8 +270,8 @@ def test_unreadable_images_report_prints_one_line_per_epoch(capsys):
     data.unreadable_images.take()
     data.unreadable_images.record("a.jpg")
     data.unreadable_images.record("b.jpg")
-    training.UnreadableImagesReport().on_epoch_end(0)
-    training.UnreadableImagesReport().on_epoch_end(1)
+    data.UnreadableImagesReport().on_epoch_end(0)
+    data.UnreadableImagesReport().on_epoch_end(1)
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == ["warning: epoch 1: 2 image(s) could not be decoded and were replaced by gray images: a.jpg, b.jpg"]
 
@@ -301,9 +330,9 @@ def test_tfrecords_stream_encoded_and_give_the_folder_element_spec(tmp_path, pho
     source = data.RecordSource.from_tfrecords(str(tmp_path / "*.tfrecord"))
     assert source.count == 10 and source.labelled
     assert source.encoded().element_spec == data.FolderSource(photos).encoded().element_spec
-    batches = list(training.view_pair_batches(source, augment.paper_views(32), 4, steps_per_epoch=2, epochs=1))
+    batches = list(data.view_pair_batches(source, augment.paper_views(32), 4, steps_per_epoch=2, epochs=1))
     assert len(batches) == 2 and batches[0][0].shape == (4, 32, 32, 3)
-    halves = [list(training.view_pair_batches(source, augment.paper_views(32), 4, steps_per_epoch=2, epochs=1,
+    halves = [list(data.view_pair_batches(source, augment.paper_views(32), 4, steps_per_epoch=2, epochs=1,
                                               row_start=s, row_count=2)) for s in (0, 2)]
     for (a, _), (a0, _), (a1, _) in zip(batches, *halves):
         np.testing.assert_array_equal(a.numpy(), np.concatenate([a0, a1]))
@@ -349,7 +378,7 @@ def test_tfds_source_skips_decoding_and_names_the_prepare_command(tmp_path):
     assert source.count == 12  # from the metadata, nothing read
     item, label = next(iter(source.encoded()))
     assert item.dtype == tf.string and bytes(item.numpy()[:3]) == b"\xff\xd8\xff"  # still JPEG bytes
-    batches = list(training.view_pair_batches(source, augment.paper_views(24), 4, steps_per_epoch=3, epochs=1))
+    batches = list(data.view_pair_batches(source, augment.paper_views(24), 4, steps_per_epoch=3, epochs=1))
     assert [a.shape[0] for a, _ in batches] == [4, 4, 4]
 
 
@@ -359,10 +388,10 @@ def test_tfds_source_skips_decoding_and_names_the_prepare_command(tmp_path):
 _PEAK = textwrap.dedent("""
     import json, resource, sys, time
     import vicreg_tf
-    from vicreg_tf import augment, data, training
+    from vicreg_tf import augment, data
     source = data.FolderSource(sys.argv[1])
     start = time.perf_counter()
-    batches = training.view_pair_batches(source, augment.paper_views(224), 16, steps_per_epoch=source.count // 16,
+    batches = data.view_pair_batches(source, augment.paper_views(224), 16, steps_per_epoch=source.count // 16,
                                       epochs=1, seed=0)
     first = None
     for k, _ in enumerate(batches):
@@ -387,8 +416,8 @@ def test_peak_memory_does_not_grow_with_the_folder(tmp_path):
 def test_a_run_resumed_mid_epoch_gets_the_rest_of_that_epoch(photos):
     source = data.FolderSource(photos)
     views = augment.paper_views(32)
-    full = list(training.view_pair_batches(source, views, 8, steps_per_epoch=3, epochs=2, seed=2))
-    resumed = list(training.view_pair_batches(source, views, 8, steps_per_epoch=3, start_epoch=0, start_step=2,
+    full = list(data.view_pair_batches(source, views, 8, steps_per_epoch=3, epochs=2, seed=2))
+    resumed = list(data.view_pair_batches(source, views, 8, steps_per_epoch=3, start_epoch=0, start_step=2,
                                               epochs=2, seed=2))
     assert len(resumed) == 4
     for (a, b), (ra, rb) in zip(full[2:], resumed):

@@ -168,14 +168,14 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 def test_sigterm_backs_up_at_the_next_step_and_the_rerun_ends_with_the_same_weights(tmp_path):
-    from vicreg_tf import training
+    from vicreg_tf import run_state
 
     args = ["--config.training.steps_per_epoch=20", "--config.training.epochs=2"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     subprocess.run(_train_cmd(straight, *args), env=_env(), cwd=REPO, check=True, timeout=300, capture_output=True)
 
     # The hook sends this process SIGTERM after global step 13 (epoch 0, 13 of 20 steps done).
-    env = dict(_env(), **{training.SIGTERM_AT_STEP_ENV: "13"})
+    env = dict(_env(), **{run_state.SIGTERM_AT_STEP_ENV: "13"})
     first = subprocess.run(_train_cmd(stopped, *args), env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
     assert first.returncode == 143, first.stderr[-3000:]
     assert "preempted: stopped by SIGTERM after epoch 0 + 13 steps" in first.stderr

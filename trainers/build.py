@@ -4,7 +4,10 @@ from __future__ import annotations
 import os
 import sys
 
-from .checks import OPTIMIZERS, SOURCES, _JIT_VALUES
+# config.training.jit_compile is a string field (ml_collections keeps a field's type): "auto",
+# "on" or "off"; "true" / "false" (any case, as a command line gives them) and bools are accepted.
+JIT_VALUES = {"auto": "auto", "on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+
 
 def resolve_verbose(value) -> int:
     """config.training.verbose -> Keras' verbose: 'auto' is a progress bar on a terminal, else a line per epoch."""
@@ -57,41 +60,60 @@ def make_strategy():
     return tf.distribute.get_strategy()
 
 
+def _fashion_mnist_source(data_config, split: str, is_eval: bool):
+    from vicreg_tf import data
+
+    images, labels, directory = data.fashion_mnist_arrays(split, data_dir=data_config.path or None)
+    return data.ArraySource(images, labels, name=f"fashion_mnist:{split}:{directory}")
+
+
+def _tfds_source(data_config, split: str, is_eval: bool):
+    from vicreg_tf import data
+
+    return data.RecordSource.from_tfds(data_config.name, split, data_dir=data_config.path or None,
+                                       channels=data_config.channels, cache_mb=data_config.cache_mb)
+
+
+def _folder_source(data_config, split: str, is_eval: bool):
+    from vicreg_tf import data
+
+    if is_eval and data_config.eval_path:
+        return data.FolderSource(data_config.eval_path, data_config.channels)
+    return data.FolderSource(data_config.path, data_config.channels, split=split,
+                             eval_fraction=data_config.eval_fraction)
+
+
+def _tfrecords_source(data_config, split: str, is_eval: bool):
+    from vicreg_tf import data
+
+    pattern = data_config.eval_path if is_eval else data_config.path
+    if not pattern:
+        raise ValueError(f"config.data.source='tfrecords' needs --config.data.{'eval_path' if is_eval else 'path'}"
+                         "=/path/to/files-*.tfrecord")
+    return data.RecordSource.from_tfrecords(pattern, channels=data_config.channels, cache_mb=data_config.cache_mb)
+
+
+# config.data.source -> builder(config.data, split, is_eval) -> a `vicreg_tf.data` source. A new kind of
+# source is its module in vicreg_tf/data/, its builder and entry here, and a config; `checks.validate_config`
+# names these when data.source is none of them.
+SOURCES = {
+    "fashion_mnist": _fashion_mnist_source,
+    "tfds": _tfds_source,
+    "folder": _folder_source,
+    "tfrecords": _tfrecords_source,
+}
+
+
 def load_source(config, split: str):
-    """The configured source of `split` (a `vicreg_tf.data` source): images stay encoded on disk.
+    """The configured source of `split` (`SOURCES[config.data.source]`): images stay encoded on disk.
 
     Folders: `data.train_split` / `data.eval_split` are "train" / "eval" (a stable
     held-out `data.eval_fraction` of the files, chosen by a hash of each name) or
     "all"; `data.eval_path` names a separate folder for evaluation instead.
     TFRecords: `data.path` (training) and `data.eval_path` are file patterns.
     """
-    from vicreg_tf import data
-
-    kind = config.data.source
-    channels = config.data.channels
     is_eval = split == config.data.eval_split and split != config.data.train_split
-    if kind == "fashion_mnist":
-        images, labels, directory = data.fashion_mnist_arrays(split, data_dir=config.data.path or None)
-        source = data.ArraySource(images, labels, name=f"fashion_mnist:{split}:{directory}")
-    elif kind == "tfds":
-        source = data.RecordSource.from_tfds(
-            config.data.name, split, data_dir=config.data.path or None, channels=channels,
-            cache_mb=config.data.cache_mb,
-        )
-    elif kind == "folder":
-        if is_eval and config.data.eval_path:
-            source = data.FolderSource(config.data.eval_path, channels)
-        else:
-            source = data.FolderSource(config.data.path, channels, split=split,
-                                          eval_fraction=config.data.eval_fraction)
-    elif kind == "tfrecords":
-        pattern = config.data.eval_path if is_eval else config.data.path
-        if not pattern:
-            raise ValueError(f"config.data.source='tfrecords' needs --config.data.{'eval_path' if is_eval else 'path'}"
-                             "=/path/to/files-*.tfrecord")
-        source = data.RecordSource.from_tfrecords(pattern, channels=channels, cache_mb=config.data.cache_mb)
-    else:
-        raise ValueError(f"unknown data.source {kind!r}; expected one of {list(SOURCES)}")
+    source = SOURCES[config.data.source](config.data, split, is_eval)
     if config.data.limit and not is_eval:
         source = source.limited(config.data.limit)
     return source
@@ -171,7 +193,7 @@ def resolve_jit_compile(config, strategy) -> bool:
     cannot compile the step (views made on the device; several replicas in one
     worker, `vicreg_tf.base.xla_refusal`) is a one-line error naming what works.
     """
-    value = _JIT_VALUES.get(str(config.training.jit_compile).lower())
+    value = JIT_VALUES.get(str(config.training.jit_compile).lower())
     if value is None:
         raise ValueError(f"config.training.jit_compile must be 'auto', 'on' or 'off', got {config.training.jit_compile!r}")
     views = _views_value(config)
@@ -254,13 +276,12 @@ def eval_batch_size(config) -> int:
 
 
 def make_views(config, seed: int | None = None):
-    from vicreg_tf import augment
+    """The views of `config.views.preset` (`vicreg_tf.augment.PRESETS`) at `config.data.image_size`."""
+    from vicreg_tf.augment import PRESETS
 
-    size = config.data.image_size
-    presets = {"paper": augment.paper_views, "grayscale": augment.grayscale_views}
-    if config.views.preset not in presets:
-        raise ValueError(f"unknown views.preset {config.views.preset!r}; expected one of {sorted(presets)}")
-    return presets[config.views.preset](size, seed=seed)
+    if config.views.preset not in PRESETS:
+        raise ValueError(f"unknown views.preset {config.views.preset!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[config.views.preset](config.data.image_size, seed=seed)
 
 
 def make_backbone(config):
@@ -274,23 +295,33 @@ def make_backbone(config):
     )
 
 
-def make_optimizer(config, steps_per_epoch: int):
+def _lars(schedule, opt):
+    from vicreg_tf import LARS
+
+    return LARS(learning_rate=schedule, weight_decay=opt.weight_decay, eta=opt.eta)
+
+
+def _adamw(schedule, opt):
     import keras
 
-    from vicreg_tf import LARS, scaled_learning_rate, warmup_cosine
+    return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=opt.weight_decay)
+
+
+# config.optimizer.name -> builder(learning-rate schedule, config.optimizer); the name is checked by
+# `checks.validate_config`, before anything is built.
+OPTIMIZERS = {"lars": _lars, "adamw": _adamw}
+
+
+def make_optimizer(config, steps_per_epoch: int):
+    """`OPTIMIZERS[config.optimizer.name]` on the warm-up + cosine schedule of the run."""
+    from vicreg_tf import scaled_learning_rate, warmup_cosine
 
     opt = config.optimizer
-    if opt.name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer.name {opt.name!r}; expected one of {list(OPTIMIZERS)}")
     peak = scaled_learning_rate(opt.base_learning_rate, config.training.batch_size)
     total = steps_per_epoch * config.training.epochs
     warmup = min(steps_per_epoch * opt.warmup_epochs, total - 1)
     schedule = warmup_cosine(peak, total_steps=total, warmup_steps=warmup, final_fraction=opt.final_fraction)
-    if opt.name == "lars":
-        return LARS(learning_rate=schedule, weight_decay=opt.weight_decay, eta=opt.eta)
-    if opt.name == "adamw":
-        return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=opt.weight_decay)
-    raise ValueError(f"unknown optimizer.name {opt.name!r}; expected 'lars' or 'adamw'")
+    return OPTIMIZERS[opt.name](schedule, opt)
 
 
 def labelled_batches(dataset, batch_size: int, limit: int = 0):

@@ -1,19 +1,17 @@
 """Everything that can be wrong with a setup, checked before the workdir is claimed: each error names the field."""
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
+from vicreg_tf.arguments import is_int, is_number, require
+
+from .build import JIT_VALUES, OPTIMIZERS, SOURCES
 from .workdirs import _exists, data_location
 
-OPTIMIZERS = ("lars", "adamw")
 _POLICIES = ("auto", "", "float32", "float64", "bfloat16", "float16", "mixed_bfloat16", "mixed_float16")
-# config.training.jit_compile is a string field (ml_collections keeps a field's type): "auto",
-# "on" or "off"; "true" / "false" (any case, as a command line gives them) and bools are accepted.
-_JIT_VALUES = {"auto": "auto", "on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
 VERBOSE_CHOICES = ("auto", "0", "1", "2")
 # Keys the shipped configs leave out, with their defaults. The programs add them to every config
 # that lacks them (so `--config.data.max_bad_fraction=0.2` works with any config file); for a
@@ -58,8 +56,7 @@ def prepare_config(config) -> None:
 def fit_warmup_to_epochs(config) -> None:
     """A warm-up longer than the run (e.g. image_folder's 5 epochs with --config.training.epochs=1) is shortened, with a warning."""
     warmup, epochs = config.optimizer.warmup_epochs, config.training.epochs
-    numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (warmup, epochs))
-    if not numbers or epochs < 1 or warmup <= epochs:
+    if not (is_int(warmup) and is_int(epochs)) or epochs < 1 or warmup <= epochs:
         return  # validate_config names a bad value
     shorter = epochs - 1
     print(f"warning: config.optimizer.warmup_epochs={warmup} is longer than config.training.epochs={epochs}; "
@@ -80,15 +77,7 @@ def validate_config(config) -> None:
         return value
 
     def check(dotted, ok, expected):
-        value = field(dotted)
-        if not ok(value):
-            raise ValueError(f"config.{dotted} must be {expected}, got {value!r}")
-
-    def is_int(v):
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        require(f"config.{dotted}", field(dotted), ok, expected)
 
     positive_int = (lambda v: is_int(v) and v > 0, "a positive int")
     count = (lambda v: is_int(v) and v >= 0, "an int >= 0")
@@ -109,6 +98,8 @@ def validate_config(config) -> None:
         check(dotted, ok, expected)
     check("data.channels", lambda v: v in (1, 3, 4) and is_int(v), "1, 3 or 4")
     check("data.source", lambda v: v in SOURCES, f"one of {list(SOURCES)}")
+    check("data.eval_crop_fraction", lambda v: is_number(v) and 0 < v <= 1,
+          "a number in (0, 1] (the evaluation's center crop of the resized shorter side)")
     check("optimizer.name", lambda v: v in OPTIMIZERS, f"one of {list(OPTIMIZERS)}")
     check("optimizer.base_learning_rate", lambda v: is_number(v) and v > 0, "a positive number")
     check("optimizer.weight_decay", lambda v: is_number(v) and v >= 0, "a number >= 0")
@@ -127,7 +118,7 @@ def validate_config(config) -> None:
     if "max_bad_fraction" in config.data:
         check("data.max_bad_fraction", lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
     check("training.mixed_precision", lambda v: v in _POLICIES, f"one of {list(_POLICIES)}")
-    check("training.jit_compile", lambda v: str(v).lower() in _JIT_VALUES,
+    check("training.jit_compile", lambda v: str(v).lower() in JIT_VALUES,
           "'auto' (XLA on for one GPU, off on CPUs and under several replicas), 'on' or 'off'")
     if "verbose" in config.training:
         check("training.verbose", lambda v: str(v) in VERBOSE_CHOICES,
@@ -204,7 +195,7 @@ def check_backbone_name(config) -> None:
 
 def check_backup_loads(model, workdir: Path) -> None:
     """A backup with no experiment.json next to it must load into `model`, or the workdir is refused."""
-    from vicreg_tf import training
+    from vicreg_tf import run_state
 
     backup_dir = os.path.join(workdir, "backup")
     if _exists(os.path.join(workdir, "experiment.json")) or not _exists(os.path.join(backup_dir, "backup.json")):
@@ -213,7 +204,7 @@ def check_backup_loads(model, workdir: Path) -> None:
         # Keras loads some mismatches with a warning only ("Skipping variable loading ...").
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            training.load_backup(model, backup_dir)
+            run_state.load_backup(model, backup_dir)
         skipped = [str(w.message) for w in caught if "Skipping" in str(w.message)]
         if skipped:
             raise ValueError(skipped[0])
@@ -249,14 +240,14 @@ def diverged_message(error: BaseException, workdir: Path, config) -> str | None:
     """One line (plus a hint) for a run stopped by a non-finite step; None for other errors."""
     import tensorflow as tf
 
-    from vicreg_tf import guard, training
+    from vicreg_tf import guard, run_state
 
     if isinstance(error, tf.errors.InvalidArgumentError):
         if guard.NON_FINITE_STEP_MESSAGE.split(":")[0] not in str(error):
             return None
     elif not isinstance(error, FloatingPointError):
         return None
-    epoch = training.read_backup_epoch(os.path.join(workdir, "backup"))
+    epoch = run_state.read_backup_epoch(os.path.join(workdir, "backup"))
     last = (f"the last good backup is epoch {epoch} in {os.path.join(workdir, 'backup')}" if epoch
             else "no epoch finished, so there is no backup")
     return (
@@ -266,5 +257,3 @@ def diverged_message(error: BaseException, workdir: Path, config) -> str | None:
         f"(now {config.optimizer.base_learning_rate}), or check the images for NaN/Inf"
     )
 
-
-SOURCES = ("fashion_mnist", "tfds", "folder", "tfrecords")

@@ -50,8 +50,8 @@ def evaluate(config, backbone_path: str | None, workdir: str | None = None, rand
         checks.check_images_decode(source, config)
     out_dir = Path(workdir or Path(backbone_path).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_images = train_source.images(config.data.image_size)
-    test_images = test_source.images(config.data.image_size)
+    train_images = train_source.images(config.data.image_size, config.data.eval_crop_fraction)
+    test_images = test_source.images(config.data.image_size, config.data.eval_crop_fraction)
     batch = build.eval_batch_size(config)
 
     start = time.time()

@@ -29,19 +29,14 @@ from . import build, checks, cli, cluster, workdirs
 PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM, what schedulers expect of a process they terminated
 
 
-def save_keras_atomically(model, path) -> None:
-    from vicreg_tf import training
-
-    training.save_keras_file(model, path)
-
-
 def train(config, workdir: str | os.PathLike) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
 
     import vicreg_tf
-    from vicreg_tf import evaluation, serving, training
+    from vicreg_tf import data, evaluation, run_state, serving
+    from vicreg_tf.atomic_io import is_remote, save_keras_file
 
     workdir = os.fspath(workdir)  # a local path or any tf.io.gfile one (gs://...)
     # Everything that can be wrong with the setup fails here, before the workdir is
@@ -50,7 +45,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     checks.check_backbone_name(config)
     checks.check_data_exists(config)
     workdirs.check_workdir(workdir, config, write=False)  # another experiment's checkpoints
-    if training.is_remote(workdir) and config.export.enabled:
+    if is_remote(workdir) and config.export.enabled:
         raise ValueError(f"--workdir={workdir} is not a local path; the TF Serving export writes to a local "
                          "(or mounted) one: add --config.export.enabled=False and export backbone.keras later")
     if config.training.deterministic:
@@ -79,12 +74,12 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
     backup_dir = os.path.join(workdir, "backup")
     # Epochs done, and steps done of the next one (a run stopped by SIGTERM backs up mid-epoch).
-    start_epoch, start_step = training.read_backup_position(backup_dir)
+    start_epoch, start_step = run_state.read_backup_position(backup_dir)
     epochs = config.training.epochs
 
     def make_dataset(first_epoch, first_step=0):
         # Streams: each worker reads, decodes and crops only its rows of each global batch.
-        return training.distribute_view_pairs(strategy, lambda row_start, row_count: training.view_pair_batches(
+        return data.distribute_view_pairs(strategy, lambda row_start, row_count: data.view_pair_batches(
             source, views, batch_size, steps_per_epoch=steps, start_epoch=first_epoch, start_step=first_step,
             epochs=epochs, seed=config.seed, shuffle_buffer=config.data.shuffle_buffer, row_start=row_start,
             row_count=row_count, device_views=on_device,
@@ -105,19 +100,19 @@ def train(config, workdir: str | os.PathLike) -> dict:
     join = os.path.join
     eval_batch = build.eval_batch_size(config)
     eval_batches = None
-    callbacks = [training.UnreadableImagesReport()]
+    callbacks = [data.UnreadableImagesReport()]
     if source.labelled:
         eval_source = build.load_source(config, config.data.eval_split)
-        size = config.data.image_size
-        train_batches = build.labelled_batches(source.images(size), eval_batch, limit=config.eval.knn_max_train)
-        eval_batches = build.labelled_batches(eval_source.images(size), eval_batch)
+        geometry = (config.data.image_size, config.data.eval_crop_fraction)
+        train_batches = build.labelled_batches(source.images(*geometry), eval_batch, limit=config.eval.knn_max_train)
+        eval_batches = build.labelled_batches(eval_source.images(*geometry), eval_batch)
         if config.eval.knn_every and role.is_chief:  # the chief reports for the cluster
             # First in the list, so the logs it adds reach the CSV log and TensorBoard.
             callbacks.insert(0, evaluation.KNNMonitor(
                 train_batches, eval_batches, every=config.eval.knn_every, k=config.eval.knn_k[0]
             ))
-    # Backs up every epoch, and at the step boundary after a SIGTERM (then raises training.Preempted).
-    backup = training.AtomicBackupAndRestore(backup_dir, write=role.is_chief, first_step=start_step)
+    # Backs up every epoch, and at the step boundary after a SIGTERM (then raises run_state.Preempted).
+    backup = run_state.AtomicBackupAndRestore(backup_dir, write=role.is_chief, first_step=start_step)
     callbacks += [
         vicreg_tf.StopOnNonFiniteLoss(),
         # Columns fixed up front: the kNN accuracy is only logged on the epochs it is measured.
@@ -139,26 +134,27 @@ def train(config, workdir: str | os.PathLike) -> dict:
     if start_epoch < epochs:
         model.fit(make_dataset(start_epoch), initial_epoch=start_epoch, epochs=epochs, steps_per_epoch=steps, **fit)
     else:  # trained to the end before: take the final backup and redo the outputs
-        training.load_backup(model, backup_dir)
+        run_state.load_backup(model, backup_dir)
 
     summary = {"experiment": config.experiment, "epochs": epochs, "steps_per_epoch": steps}
     # Every worker saves (the multi-worker guide's rule: saving may run collectives);
     # the chief into WORKDIR, the others into their scratch directories.
-    save_keras_atomically(model, join(role.workdir, "vicreg.keras"))
-    save_keras_atomically(model.backbone, join(role.workdir, "backbone.keras"))
+    save_keras_file(model, join(role.workdir, "vicreg.keras"))
+    save_keras_file(model.backbone, join(role.workdir, "backbone.keras"))
     if not role.is_chief:
         return summary
     summary["backbone"] = join(workdir, "backbone.keras")
 
     # Collapse diagnostics on the expander's output for held-out images (plotted locally,
     # then copied, for a workdir on another file system).
-    plots = tempfile.mkdtemp(prefix="vicreg-plots-") if training.is_remote(workdir) else workdir
+    plots = tempfile.mkdtemp(prefix="vicreg-plots-") if is_remote(workdir) else workdir
     for name in ("log.csv", evaluation.StepLogger.FILENAME):
         if plots != workdir and tf.io.gfile.exists(join(workdir, name)):
             tf.io.gfile.copy(join(workdir, name), join(plots, name), overwrite=True)
     if os.path.exists(join(plots, "log.csv")):
         evaluation.plot_loss_terms(join(plots, "log.csv"), join(plots, "loss_terms.png"))
-    probe = eval_batches or build.labelled_batches(source.images(config.data.image_size), eval_batch)
+    probe = eval_batches or build.labelled_batches(
+        source.images(config.data.image_size, config.data.eval_crop_fraction), eval_batch)
     embeddings = np.concatenate([
         model.projector(model.backbone(x, training=False), training=False).numpy()
         for x, _ in probe.take(max(1, 4096 // eval_batch))
@@ -195,14 +191,14 @@ def _check(argv):
 
 
 def _main(argv):
-    from vicreg_tf import training
+    from vicreg_tf import run_state
 
     if not cluster.is_chief_process():
         sys.stdout = open(os.devnull, "w")  # the chief reports for the cluster; errors still go to stderr
 
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except training.Preempted as stop:
+    except run_state.Preempted as stop:
         print(f"preempted: {stop}; rerun the same command to continue", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED_EXIT_STATUS)
     except (ValueError, FileNotFoundError) as error:

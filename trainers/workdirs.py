@@ -1,4 +1,4 @@
-"""The workdir: which experiment it holds (the fingerprint of the config and the data read), atomic small files."""
+"""The workdir: which experiment it holds (the fingerprint of the config and the data read), its small files."""
 from __future__ import annotations
 
 import json
@@ -6,13 +6,14 @@ import os
 import sys
 from pathlib import Path
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # vicreg_tf.data's default (Debian's package)
+from vicreg_tf.atomic_io import read_text, write_text_atomically
 
 # Fields that define an experiment: a workdir holding checkpoints of another
 # setting of these must not be resumed from.
 EXPERIMENT_FIELDS = ("experiment", "seed", "data", "views", "model", "optimizer", "training.batch_size")
-# Keys inside those fields that do not change what is learned (a start-up check's threshold).
-NOT_EXPERIMENT = ("data.max_bad_fraction",)
+# Keys inside those fields that do not change what is learned (a start-up check's threshold, the
+# evaluation's crop).
+NOT_EXPERIMENT = ("data.max_bad_fraction", "data.eval_crop_fraction")
 _MAX_LISTED = 6  # differing keys named in a refusal
 
 
@@ -29,18 +30,16 @@ def _select(d: dict, dotted: str):
 def data_location(config) -> str:
     """The absolute path of the data a run reads (not `data.path` as typed): part of the fingerprint.
 
-    Fashion-MNIST is looked up as `vicreg_tf.data.fashion_mnist` does it: `data.path`,
-    else $VICREG_DATA_DIR (or its fashion-mnist/ subfolder), else Debian's folder.
+    Fashion-MNIST's folder is the one `vicreg_tf.data.fashion_mnist` reads (`data.path`, else
+    $VICREG_DATA_DIR or its fashion-mnist/ subfolder, else Debian's folder); finding it loads
+    TensorFlow, which the programs have loaded by then.
     """
     path = config.data.path
     if config.data.source != "fashion_mnist":
         return os.path.abspath(path) if path else ""
-    if path:
-        candidates = [Path(path)]
-    elif os.environ.get("VICREG_DATA_DIR"):
-        candidates = [Path(os.environ["VICREG_DATA_DIR"]), Path(os.environ["VICREG_DATA_DIR"]) / "fashion-mnist"]
-    else:
-        candidates = [Path(FASHION_MNIST_DIR)]
+    from vicreg_tf.data.fashion_mnist import fashion_mnist_dirs
+
+    candidates = fashion_mnist_dirs(path or None)
     found = [d for d in candidates if any(d.glob("train-images-idx3-ubyte*"))]
     return str((found or candidates)[0].resolve())
 
@@ -121,7 +120,7 @@ def check_workdir(workdir: Path, config, *, write: bool = True) -> None:
     record = os.path.join(workdir, "experiment.json")
     mine = experiment_fingerprint(config)
     if _exists(record) and holds_checkpoints(workdir):
-        theirs = json.loads(_read_text(record))
+        theirs = json.loads(read_text(record))
         diff = fingerprint_differences(theirs, mine)
         if diff:
             details = "; ".join(diff[:_MAX_LISTED])
@@ -138,28 +137,7 @@ def check_workdir(workdir: Path, config, *, write: bool = True) -> None:
         return
     if write:
         tf_makedirs(workdir)
-        _write_text_atomically(record, json.dumps(mine, indent=2, sort_keys=True))
-
-
-def _read_text(path) -> str:
-    if "://" not in os.fspath(path):
-        return Path(path).read_text()
-    from vicreg_tf import training
-
-    return training.read_text(path)
-
-
-def _write_text_atomically(path, text: str) -> None:
-    """A temporary file, then one rename (the commit point; a copy + delete on object stores)."""
-    path = os.fspath(path)
-    if "://" not in path:
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-        Path(tmp).write_text(text)
-        os.replace(tmp, path)
-        return
-    from vicreg_tf import training
-
-    training.write_text_atomically(path, text)
+        write_text_atomically(record, json.dumps(mine, indent=2, sort_keys=True))
 
 
 def rounded(value, digits: int = 6):
@@ -178,5 +156,5 @@ def write_json_line(path, record: dict) -> dict:
     record = rounded(record)
     line = json.dumps(record, sort_keys=True)
     print(line, flush=True)
-    _write_text_atomically(path, line + "\n")
+    write_text_atomically(path, line + "\n")
     return record

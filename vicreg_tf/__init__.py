@@ -82,9 +82,9 @@ _EXPORTS = {
     "vicreg_tf.transfer": ("load_backbone", "set_trainable"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = ("augment", "backbones", "base", "batchnorm", "data", "distribute", "evaluation", "guard",
-               "kerascv_pipeline", "losses", "methods", "model", "optimizers", "projector", "serving",
-               "serving_client", "training", "transfer", "torch_import")
+_SUBMODULES = ("arguments", "atomic_io", "augment", "backbones", "base", "batchnorm", "data", "distribute",
+               "evaluation", "guard", "kerascv_pipeline", "losses", "methods", "model", "optimizers", "projector",
+               "run_state", "serving", "serving_client", "transfer", "torch_import")
 
 
 def __getattr__(name: str):

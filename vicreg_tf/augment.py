@@ -26,9 +26,16 @@ for `TwoViews`) is there for users who want KerasCV's layers anyway; it ignores 
 
 Randomness: every layer takes an optional `seed` call argument, a (2,) integer
 tensor for TensorFlow's stateless random ops. Without it the layer draws one from
-its own `keras.random.SeedGenerator(seed)`. `vicreg_tf.data.view_pairs` passes a
-seed per batch taken from `tf.data.Dataset.random`, which keeps a parallel
-`map` deterministic.
+its own `keras.random.SeedGenerator(seed)`. The input pipeline
+(`vicreg_tf.data.pipeline`) passes a seed per batch made from (seed, epoch, step),
+which keeps a parallel `map` deterministic.
+
+Two phases, as Keras' image preprocessing layers: `get_random_transformation`
+draws an op's random numbers for a batch (for rows of a global batch, bit for bit
+what one process draws for them), `transform_images` applies them, on the host or
+on the accelerator. `TwoViews` splits the views where images are decoded:
+`crop_boxes` / `crop_images` (the crops, where the image is decoded) and
+`transform_crops` (the rest, batched, here or inside the train step).
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ import math
 import keras
 import tensorflow as tf
 
-from vicreg_tf.data.images import _image_size
+from vicreg_tf import arguments
 
 __all__ = [
     "RandomResizedCrop",
@@ -50,6 +57,7 @@ __all__ = [
     "TwoViews",
     "paper_views",
     "grayscale_views",
+    "PRESETS",
 ]
 
 _PACKAGE = "vicreg_tf"
@@ -95,7 +103,7 @@ def _channel_stats(name: str, value) -> tuple[float, ...] | None:
 
 def _check_view_knobs(**knobs) -> dict:
     """Checks one view's arguments under their own names (so errors name `jitter_prob`, not `probability`)."""
-    checked = {"image_size": _image_size(knobs["image_size"])}
+    checked = {"image_size": arguments.image_size(knobs["image_size"])}
     for name in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
         checked[name] = _probability(name, knobs[name])
     checked["crop_area"] = _range("crop_area", knobs["crop_area"], low=0.0, high=1.0, low_open=True)
@@ -177,15 +185,25 @@ def _grayscale(images):
     return 0.2989 * images[..., 0:1] + 0.5870 * images[..., 1:2] + 0.1140 * images[..., 2:3]
 
 
+def _shape(images) -> tuple:
+    """(batch as a tensor, height, width, channels as Python ints or None): what phase 1 needs of a batch."""
+    return (tf.shape(images)[0], *images.shape[1:4])
+
+
 class _ImageAugmentation(keras.layers.Layer):
-    """Base: float32 [0, 1] images, batched or not; stateless randomness from `seed`."""
+    """Base: float32 [0, 1] images, batched or not; stateless randomness from `seed`, in two phases.
+
+    Phase 1, `get_random_transformation(shape, seed, rows)`, draws the op's random
+    numbers for a batch of `shape` (batch, height, width, channels); phase 2,
+    `transform_images(images, transformation)`, applies them to the images, wherever
+    those are. `augment` is both; `call` both with a seed of the layer's own when
+    none is given.
+    """
 
     def __init__(self, seed: int | None = None, **kwargs):
         kwargs.setdefault("dtype", "float32")  # views stay float32 under a mixed-precision policy
         super().__init__(**kwargs)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
-        self.seed = seed
+        self.seed = arguments.optional_seed(seed)
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.built = True
 
@@ -201,12 +219,22 @@ class _ImageAugmentation(keras.layers.Layer):
                 f"{type(self).__name__} expects images (H, W, C) or (N, H, W, C), got shape {images.shape}"
             )
         unbatched = images.shape.rank == 3
-        batch = images[None] if unbatched else images
-        out = self.augment(batch, self._draw_seed(seed))
-        return out[0] if unbatched else out
+        out = self.augment(images[None] if unbatched else images, self._draw_seed(seed))
+        return tf.nest.map_structure(lambda x: x[0], out) if unbatched else out
 
-    def augment(self, images: tf.Tensor, seed: tf.Tensor, rows=None) -> tf.Tensor:
-        """Augments a batch; `rows=(row_ids, total)` draws as for rows of a global batch of `total`."""
+    def augment(self, images, seed, rows=None):
+        """Both phases on a batch; `rows=(row_ids, total)` draws as for rows of a global batch of `total`."""
+        return self.transform_images(images, self.get_random_transformation(_shape(images), seed, rows))
+
+    def get_random_transformation(self, shape, seed, rows=None) -> dict:
+        """Phase 1: the numbers per image for a batch of `shape`; with `rows`, those rows' of the global batch.
+
+        An op that changes nothing (probability 0) draws nothing: `{}`.
+        """
+        raise NotImplementedError
+
+    def transform_images(self, images, transformation):
+        """Phase 2: the images with the numbers `get_random_transformation` drew for them."""
         raise NotImplementedError
 
     def compute_output_shape(self, input_shape):
@@ -247,12 +275,14 @@ class RandomResizedCrop(_ImageAugmentation):
 
     def __init__(self, image_size, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3), seed=None, **kwargs):
         super().__init__(seed=seed, **kwargs)
-        self.image_size = _image_size(image_size)
+        self.image_size = arguments.image_size(image_size)
         self.area = _range("area", area, low=0.0, high=1.0, low_open=True)
         self.aspect = _range("aspect", aspect, low=0.0, low_open=True)
 
-    def sample(self, seed, batch, rows=None) -> dict:
-        """The crop's random numbers per image; the window follows from them and the image's size."""
+    def get_random_transformation(self, shape, seed, rows=None) -> dict:
+        """Tries of area and ratio, top and left, per image: the window follows from them and the image's
+        size (`window`), so they can be drawn before the image is decoded."""
+        batch = shape[0]
         seeds = tf.random.experimental.stateless_split(seed, 4)
         log_lo, log_hi = math.log(self.aspect[0]), math.log(self.aspect[1])
         return {
@@ -265,10 +295,10 @@ class RandomResizedCrop(_ImageAugmentation):
     def window(self, params: dict, height, width):
         """(top, left, crop_height, crop_width), float32, for images of `height` x `width`.
 
-        `params` holds one image's numbers (scalars and (10,) tries) or a batch's,
-        with `height`/`width` scalars or per image. As torchvision: the first of
-        ten tries whose area and aspect fit, else the largest center crop within
-        the aspect range.
+        `params` (from `get_random_transformation`) holds one image's numbers
+        (scalars and (10,) tries) or a batch's, with `height`/`width` scalars or per
+        image. As torchvision: the first of ten tries whose area and aspect fit, else
+        the largest center crop within the aspect range.
         """
         height = tf.cast(height, tf.float32)
         width = tf.cast(width, tf.float32)
@@ -291,15 +321,12 @@ class RandomResizedCrop(_ImageAugmentation):
         left = tf.where(any_fits, tf.floor(params["left"] * (width - crop_w + 1)), tf.floor((width - crop_w) / 2))
         return top, left, crop_h, crop_w
 
-    def augment(self, images, seed, rows=None):
-        return self.crop_batch(images, self.sample(seed, tf.shape(images)[0], rows))
-
-    def crop_batch(self, images, params) -> tf.Tensor:
-        """Crops equal-sized float images with `sample`'s numbers and resizes them: one vectorised call."""
+    def transform_images(self, images, transformation) -> tf.Tensor:
+        """Crops equal-sized float images with their numbers and resizes them: one vectorised call."""
         batch = tf.shape(images)[0]
         height = tf.cast(tf.shape(images)[1], tf.float32)
         width = tf.cast(tf.shape(images)[2], tf.float32)
-        top, left, crop_h, crop_w = self.window(params, tf.fill([batch], height), tf.fill([batch], width))
+        top, left, crop_h, crop_w = self.window(transformation, tf.fill([batch], height), tf.fill([batch], width))
         # crop_and_resize maps box coordinate 1.0 to the last pixel's centre.
         y_scale, x_scale = tf.maximum(height - 1, 1.0), tf.maximum(width - 1, 1.0)
         boxes = tf.stack(
@@ -334,11 +361,15 @@ class RandomHorizontalFlip(_ImageAugmentation):
         super().__init__(seed=seed, **kwargs)
         self.probability = _probability("probability", probability)
 
-    def augment(self, images, seed, rows=None):
+    def get_random_transformation(self, shape, seed, rows=None) -> dict:
         if self.probability == 0.0:
+            return {}
+        return {"flip": _bernoulli(seed, shape[0], self.probability, rows)}
+
+    def transform_images(self, images, transformation):
+        if not transformation:
             return images
-        flip = _bernoulli(seed, tf.shape(images)[0], self.probability, rows)
-        return _where_images(flip, tf.reverse(images, axis=[2]), images)
+        return _where_images(transformation["flip"], tf.reverse(images, axis=[2]), images)
 
     def get_config(self):
         config = super().get_config()
@@ -408,36 +439,48 @@ class RandomColorJitter(_ImageAugmentation):
                 ops.append(((-self.hue, self.hue), hue))
         return ops
 
-    def augment(self, images, seed, rows=None):
-        ops = self._ops(images.shape[-1])
+    def get_random_transformation(self, shape, seed, rows=None) -> dict:
+        ops = self._ops(shape[3])
         if self.probability == 0.0 or not ops:
-            return images
-        batch = tf.shape(images)[0]
+            return {}
+        batch = shape[0]
         seeds = tf.random.experimental.stateless_split(seed, 2 + len(ops))
-        factors = [_row_uniform(seeds[2 + k], rows, batch, *bounds) for k, (bounds, _) in enumerate(ops)]
-        # A random order per image, as torchvision's ColorJitter: each slot partitions
-        # the images by the op they get there, so every op runs once per image.
-        order = tf.argsort(_row_uniform(seeds[1], rows, batch, 0.0, 1.0, extra=(len(ops),)), axis=1)  # int32
+        numbers = {
+            "factors": tf.stack([_row_uniform(seeds[2 + k], rows, batch, *bounds) for k, (bounds, _) in enumerate(ops)],
+                                axis=1),
+            # A random order per image, as torchvision's ColorJitter.
+            "order": tf.argsort(_row_uniform(seeds[1], rows, batch, 0.0, 1.0, extra=(len(ops),)), axis=1),  # int32
+        }
+        if self.probability < 1.0:
+            numbers["apply"] = _bernoulli(seeds[0], batch, self.probability, rows)
+        return numbers
+
+    def transform_images(self, images, transformation):
+        if not transformation:
+            return images
+        ops = self._ops(images.shape[-1])
+        factors, order = transformation["factors"], transformation["order"]
 
         def jitter(x, rows):
             count = tf.shape(x)[0]
             ids = tf.range(count)
-            fs = [tf.gather(f, rows) for f in factors]
+            fs = tf.gather(factors, rows)
             chosen = tf.gather(order, rows)
+            # Each slot partitions the images by the op they get there, so every op runs once per image.
             for slot in range(len(ops)):
                 which = chosen[:, slot]
                 parts = tf.dynamic_partition(x, which, len(ops))
                 part_ids = tf.dynamic_partition(ids, which, len(ops))
                 outs = [
-                    tf.clip_by_value(op(parts[k], tf.gather(fs[k], part_ids[k])), 0.0, 1.0)
+                    tf.clip_by_value(op(parts[k], tf.gather(fs[:, k], part_ids[k])), 0.0, 1.0)
                     for k, (_, op) in enumerate(ops)
                 ]
                 x = tf.ensure_shape(tf.dynamic_stitch(part_ids, outs), x.shape)
             return x
 
-        if self.probability == 1.0:
-            return jitter(images, tf.range(tf.cast(batch, tf.int64)))
-        return _apply_to_subset(images, _bernoulli(seeds[0], batch, self.probability, rows), jitter)
+        if "apply" not in transformation:
+            return jitter(images, tf.range(tf.cast(tf.shape(images)[0], tf.int64)))
+        return _apply_to_subset(images, transformation["apply"], jitter)
 
     def get_config(self):
         config = super().get_config()
@@ -470,11 +513,15 @@ class RandomGrayscale(_ImageAugmentation):
         super().__init__(seed=seed, **kwargs)
         self.probability = _probability("probability", probability)
 
-    def augment(self, images, seed, rows=None):
-        if self.probability == 0.0 or images.shape[-1] != 3:
+    def get_random_transformation(self, shape, seed, rows=None) -> dict:
+        if self.probability == 0.0 or shape[3] != 3:
+            return {}
+        return {"gray": _bernoulli(seed, shape[0], self.probability, rows)}
+
+    def transform_images(self, images, transformation):
+        if not transformation or images.shape[-1] != 3:
             return images
-        gray = tf.tile(_grayscale(images), [1, 1, 1, 3])
-        return _where_images(_bernoulli(seed, tf.shape(images)[0], self.probability, rows), gray, images)
+        return _where_images(transformation["gray"], tf.tile(_grayscale(images), [1, 1, 1, 3]), images)
 
     def get_config(self):
         config = super().get_config()
@@ -506,12 +553,12 @@ class RandomGaussianBlur(_ImageAugmentation):
         self.probability = _probability("probability", probability)
         self.sigma = _range("sigma", sigma, low=0.0, low_open=True)
 
-    def augment(self, images, seed, rows=None):
+    def get_random_transformation(self, shape, seed, rows=None) -> dict:
+        """Each image's normalised kernel (radius ceil(3 * max sigma), at most the image size) and gate."""
         if self.probability == 0.0:
-            return images
-        batch = tf.shape(images)[0]
+            return {}
+        batch, height, width = shape[:3]
         seeds = tf.random.experimental.stateless_split(seed, 2)
-        height, width = images.shape[1], images.shape[2]
         radius = math.ceil(3.0 * self.sigma[1])
         if height is not None and width is not None:
             radius = min(radius, height, width)  # symmetric padding reaches at most one image size
@@ -521,7 +568,16 @@ class RandomGaussianBlur(_ImageAugmentation):
             kernel = tf.exp(-0.5 * tf.square(taps[None, :] / sigmas[:, None]))
             return kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)
 
-        kernels = _row_uniform(seeds[1], rows, batch, *self.sigma, then=gaussian)
+        numbers = {"kernels": _row_uniform(seeds[1], rows, batch, *self.sigma, then=gaussian)}
+        if self.probability < 1.0:
+            numbers["apply"] = _bernoulli(seeds[0], batch, self.probability, rows)
+        return numbers
+
+    def transform_images(self, images, transformation):
+        if not transformation:
+            return images
+        kernels = transformation["kernels"]
+        radius = kernels.shape[-1] // 2
 
         def blur(x, rows):
             kernel = tf.gather(kernels, rows)
@@ -539,9 +595,9 @@ class RandomGaussianBlur(_ImageAugmentation):
                 out += weights[k] * rows_blurred[:, k:k + h]
             return tf.ensure_shape(out, x.shape)
 
-        if self.probability == 1.0:
-            return blur(images, tf.range(tf.cast(batch, tf.int64)))
-        return _apply_to_subset(images, _bernoulli(seeds[0], batch, self.probability, rows), blur)
+        if "apply" not in transformation:
+            return blur(images, tf.range(tf.cast(tf.shape(images)[0], tf.int64)))
+        return _apply_to_subset(images, transformation["apply"], blur)
 
     def get_config(self):
         config = super().get_config()
@@ -571,12 +627,16 @@ class RandomSolarize(_ImageAugmentation):
         self.probability = _probability("probability", probability)
         self.threshold = _strength("threshold", threshold, high=1.0)
 
-    def augment(self, images, seed, rows=None):
+    def get_random_transformation(self, shape, seed, rows=None) -> dict:
         if self.probability == 0.0:
+            return {}
+        return {"solarize": _bernoulli(seed, shape[0], self.probability, rows)}
+
+    def transform_images(self, images, transformation):
+        if not transformation:
             return images
-        solarize = _bernoulli(seed, tf.shape(images)[0], self.probability, rows)
         solarized = tf.where(images >= self.threshold, 1.0 - images, images)
-        return _where_images(solarize, solarized, images)
+        return _where_images(transformation["solarize"], solarized, images)
 
     def get_config(self):
         config = super().get_config()
@@ -658,38 +718,46 @@ class ViewPipeline(_ImageAugmentation):
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {std!r}")
         self.image_size = self.crop.image_size
-        self._steps = (self.crop, self.flip, self.jitter, self.grayscale, self.blur, self.solarize)
 
-    def augment(self, images, seed, rows=None):
-        seeds = tf.random.experimental.stateless_split(seed, len(self._steps))
-        images = self.crop.augment(images, seeds[0], rows)
-        return self._color(images, seeds, rows)
+    # The ops in the recipe's order; the first, the crop, is made where the image is decoded.
+    _STEPS = ("crop", "flip", "jitter", "grayscale", "blur", "solarize")
 
-    def _color(self, images, seeds, rows):
-        for k, step in enumerate(self._steps[1:], start=1):
-            images = step.augment(images, seeds[k], rows)
+    def get_random_transformation(self, shape, seed, rows=None) -> dict:
+        """Every op's numbers for a batch of `shape`, by op name; ops that change nothing are left out."""
+        seeds = tf.random.experimental.stateless_split(_as_seed(seed), len(self._STEPS))
+        crops_shape = (shape[0], *self.image_size, shape[3])
+        numbers = {"crop": self.crop.get_random_transformation(shape, seeds[0], rows)}
+        for k, name in enumerate(self._STEPS[1:], start=1):
+            drawn = getattr(self, name).get_random_transformation(crops_shape, seeds[k], rows)
+            if drawn:
+                numbers[name] = drawn
+        return numbers
+
+    def transform_images(self, images, transformation):
+        return self.transform_crops(self.crop_images(images, transformation), transformation)
+
+    # Split where the image is decoded: the crop there, the rest batched (CPU or accelerator).
+
+    def crop_window(self, transformation, height, width) -> tuple[tf.Tensor, ...]:
+        """One image's crop window, int32 (top, left, height, width), for an image of `height` x `width`."""
+        return tuple(tf.cast(v, tf.int32) for v in self.crop.window(transformation["crop"], height, width))
+
+    def crop_images(self, images, transformation) -> tf.Tensor:
+        """The crops of a batch of equal-sized decoded images (uint8 or [0, 1] floats): float [0, 1]."""
+        return self.crop.transform_images(_as_float_images(images), transformation["crop"])
+
+    def transform_crops(self, crops, transformation) -> tf.Tensor:
+        """Flip, color jitter, grayscale, blur, solarize (and normalize) of crops already of `image_size`.
+
+        `crops` are uint8 or [0, 1] floats; `transformation` is the one the crops were made with.
+        """
+        images = _as_float_images(crops)
+        for name in self._STEPS[1:]:
+            if name in transformation:
+                images = getattr(self, name).transform_images(images, transformation[name])
         if self.mean is not None:
             images = (images - tf.constant(self.mean)) / tf.constant(self.std)
         return images
-
-    # The two stages, for pipelines that crop where the image is decoded (CPU) and
-    # run the rest batched elsewhere (CPU or accelerator). Same seeds, same views.
-
-    def crop_params(self, seed, batch, rows=None) -> dict:
-        """Stage 1's random numbers per image (see `RandomResizedCrop.window`)."""
-        return self.crop.sample(tf.random.experimental.stateless_split(_as_seed(seed), len(self._steps))[0], batch, rows)
-
-    def crop_images(self, images, params) -> tf.Tensor:
-        """Stage 1 on a batch of equal-sized decoded images, with `crop_params`' numbers: float [0, 1]."""
-        return self.crop.crop_batch(_as_float_images(images), params)
-
-    def color(self, crops, seed, rows=None):
-        """Stage 2: flip, color jitter, grayscale, blur, solarize (and normalize) of cropped images.
-
-        `crops` are uint8 (or float in [0, 1]) images already of `image_size`;
-        `seed` is the same seed the whole pipeline would take.
-        """
-        return self._color(_as_float_images(crops), tf.random.experimental.stateless_split(_as_seed(seed), len(self._steps)), rows)
 
     def compute_output_shape(self, input_shape):
         return self.crop.compute_output_shape(input_shape)
@@ -727,12 +795,15 @@ def _as_view(view, name: str) -> ViewPipeline:
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class TwoViews(keras.layers.Layer):
+class TwoViews(_ImageAugmentation):
     """Two differently augmented views of each image: `call(images) -> (view_a, view_b)`.
 
     The views use different pipelines (the paper's asymmetric blur and
     solarization) and independent randomness. Both pipelines must produce the
-    same image size.
+    same image size. Where images are decoded one at a time, the views split in
+    two: `crop_boxes` (or `crop_images`) there, `transform_crops` on the batch of
+    crops (on the host, or inside the train step), with the numbers
+    `get_random_transformation` drew once.
 
     Args:
         view_a, view_b: `ViewPipeline`s or their config dicts.
@@ -747,48 +818,47 @@ class TwoViews(keras.layers.Layer):
     """
 
     def __init__(self, view_a, view_b, seed=None, **kwargs):
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.view_a = _as_view(view_a, "view_a")
-        self.view_b = _as_view(view_b, "view_b")
-        if self.view_a.image_size != self.view_b.image_size:
+        view_a, view_b = _as_view(view_a, "view_a"), _as_view(view_b, "view_b")
+        if view_a.image_size != view_b.image_size:
             raise ValueError(
                 "both views must have the same image_size, got "
-                f"{self.view_a.image_size} for view a and {self.view_b.image_size} for view b"
+                f"{view_a.image_size} for view a and {view_b.image_size} for view b"
             )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-        self.image_size = self.view_a.image_size
-        self.built = True
-
-    def call(self, images, seed=None):
-        if seed is None:
-            seed = self.seed_generator.next()
-        seeds = self.view_seeds(seed)
-        return self.view_a(images, seed=seeds[0]), self.view_b(images, seed=seeds[1])
+        super().__init__(seed=seed, **kwargs)
+        self.view_a, self.view_b = view_a, view_b
+        self.image_size = view_a.image_size
 
     @staticmethod
-    def view_seeds(seed) -> tf.Tensor:
-        """The (2, 2) seeds of view a and view b for a batch seed."""
+    def _view_seeds(seed) -> tf.Tensor:
         return tf.random.experimental.stateless_split(_as_seed(seed), 2)
 
-    def augment(self, images, seed, rows=None):
-        """Both views of a batch, `rows=(row_ids, total)` as in the view layers."""
+    def get_random_transformation(self, shape, seed, rows=None) -> dict:
+        """Both views' numbers: {"view_a": ..., "view_b": ...} (see `ViewPipeline.get_random_transformation`)."""
+        seeds = self._view_seeds(seed)
+        return {"view_a": self.view_a.get_random_transformation(shape, seeds[0], rows),
+                "view_b": self.view_b.get_random_transformation(shape, seeds[1], rows)}
+
+    def transform_images(self, images, transformation):
         images = _as_float_images(images)
-        seeds = self.view_seeds(seed)
-        return self.view_a.augment(images, seeds[0], rows), self.view_b.augment(images, seeds[1], rows)
+        return (self.view_a.transform_images(images, transformation["view_a"]),
+                self.view_b.transform_images(images, transformation["view_b"]))
 
-    def crop_params(self, seed, batch, rows=None) -> tuple[dict, dict]:
-        """Stage 1 of both views: each view's crop numbers per image."""
-        seeds = self.view_seeds(seed)
-        return self.view_a.crop_params(seeds[0], batch, rows), self.view_b.crop_params(seeds[1], batch, rows)
+    def crop_boxes(self, transformation):
+        """For one image's numbers: `box(height, width) -> int32 (top, left, h, w)` of view a and of view b."""
+        return tuple(
+            lambda height, width, view=view, numbers=transformation[name]: view.crop_window(numbers, height, width)
+            for view, name in ((self.view_a, "view_a"), (self.view_b, "view_b"))
+        )
 
-    def color(self, crops_a, crops_b, seed, rows=None):
-        """Stage 2 of both views on their cropped images (uint8 or [0, 1] floats)."""
-        seeds = self.view_seeds(seed)
-        return self.view_a.color(crops_a, seeds[0], rows), self.view_b.color(crops_b, seeds[1], rows)
+    def crop_images(self, images, transformation):
+        """Both views' crops of a batch of equal-sized decoded images: float [0, 1]."""
+        return (self.view_a.crop_images(images, transformation["view_a"]),
+                self.view_b.crop_images(images, transformation["view_b"]))
+
+    def transform_crops(self, crops_a, crops_b, transformation):
+        """Both views from their crops (uint8 or [0, 1] floats): the rest of the views, in one call."""
+        return (self.view_a.transform_crops(crops_a, transformation["view_a"]),
+                self.view_b.transform_crops(crops_b, transformation["view_b"]))
 
     def compute_output_shape(self, input_shape):
         shape = self.view_a.compute_output_shape(input_shape)
@@ -796,47 +866,21 @@ class TwoViews(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(view_a=self.view_a.get_config(), view_b=self.view_b.get_config(), seed=self.seed)
+        config.update(view_a=self.view_a.get_config(), view_b=self.view_b.get_config())
         return config
 
 
-# -- presets -------------------------------------------------------------------------
-
-# Knobs per preset: (both views, view a only, view b only).
-_PRESETS = {
-    "paper": (
-        dict(
-            crop_area=(0.08, 1.0), crop_aspect=(3 / 4, 4 / 3), flip_prob=0.5, jitter_prob=0.8, brightness=0.4,
-            contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2, blur_sigma=(0.1, 2.0),
-        ),
-        dict(blur_prob=1.0, solarize_prob=0.0),
-        dict(blur_prob=0.1, solarize_prob=0.2),
-    ),
-    "grayscale": (
-        dict(crop_area=(0.2, 1.0), crop_aspect=(3 / 4, 4 / 3), flip_prob=0.5, jitter_prob=0.8, brightness=0.4,
-             contrast=0.4, saturation=0.0, hue=0.0, grayscale_prob=0.0, blur_sigma=(0.1, 1.0)),
-        dict(blur_prob=0.5, solarize_prob=0.0),
-        dict(blur_prob=0.1, solarize_prob=0.2),
-    ),
-}
+# -- presets: name -> builder ---------------------------------------------------------------
 
 
-def _view_knobs(preset: str, overrides: dict) -> tuple[dict, dict]:
-    """(view a knobs, view b knobs) of a preset with `overrides` for both and `view_a=`/`view_b=` for one."""
-    if preset not in _PRESETS:
-        raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
-    common, a, b = _PRESETS[preset]
+def _two_views(image_size, seed, overrides: dict, *, both: dict, view_a: dict, view_b: dict) -> TwoViews:
+    """A preset's pair: its knobs for both views and for each, then `overrides` (and `view_a=`/`view_b=`)."""
     overrides = dict(overrides)
     only_a = dict(overrides.pop("view_a", None) or {})
     only_b = dict(overrides.pop("view_b", None) or {})
-    return {**common, **a, **overrides, **only_a}, {**common, **b, **overrides, **only_b}
-
-
-def _two_views(image_size, seed, preset: str, overrides: dict) -> TwoViews:
-    knobs_a, knobs_b = _view_knobs(preset, overrides)
     return TwoViews(
-        ViewPipeline(image_size, **knobs_a, name="view_a"),
-        ViewPipeline(image_size, **knobs_b, name="view_b"),
+        ViewPipeline(image_size, **{**both, **view_a, **overrides, **only_a}, name="view_a"),
+        ViewPipeline(image_size, **{**both, **view_b, **overrides, **only_b}, name="view_b"),
         seed=seed,
     )
 
@@ -854,7 +898,13 @@ def paper_views(image_size, seed: int | None = None, **overrides) -> TwoViews:
     >>> views = paper_views(32, seed=0)                      # CIFAR-10 sized
     >>> views = paper_views(32, view_b={"solarize_prob": 0.1})
     """
-    return _two_views(image_size, seed, "paper", overrides)
+    return _two_views(
+        image_size, seed, overrides,
+        both=dict(crop_area=(0.08, 1.0), crop_aspect=(3 / 4, 4 / 3), flip_prob=0.5, jitter_prob=0.8, brightness=0.4,
+                  contrast=0.4, saturation=0.2, hue=0.1, grayscale_prob=0.2, blur_sigma=(0.1, 2.0)),
+        view_a=dict(blur_prob=1.0, solarize_prob=0.0),
+        view_b=dict(blur_prob=0.1, solarize_prob=0.2),
+    )
 
 
 def grayscale_views(image_size, seed: int | None = None, **overrides) -> TwoViews:
@@ -878,4 +928,15 @@ def grayscale_views(image_size, seed: int | None = None, **overrides) -> TwoView
     >>> views = grayscale_views(28, seed=0)
     >>> view_a, view_b = views(tf.random.uniform((8, 28, 28, 1)))
     """
-    return _two_views(image_size, seed, "grayscale", overrides)
+    return _two_views(
+        image_size, seed, overrides,
+        both=dict(crop_area=(0.2, 1.0), crop_aspect=(3 / 4, 4 / 3), flip_prob=0.5, jitter_prob=0.8, brightness=0.4,
+                  contrast=0.4, saturation=0.0, hue=0.0, grayscale_prob=0.0, blur_sigma=(0.1, 1.0)),
+        view_a=dict(blur_prob=0.5, solarize_prob=0.0),
+        view_b=dict(blur_prob=0.1, solarize_prob=0.2),
+    )
+
+
+# `config.views.preset` -> builder(image_size, seed=None, **overrides) -> TwoViews. A new preset is a
+# function above and its entry here.
+PRESETS = {"paper": paper_views, "grayscale": grayscale_views}

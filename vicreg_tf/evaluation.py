@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from vicreg_tf import losses
+from vicreg_tf.atomic_io import write_atomically, write_text_atomically
 
 __all__ = [
     "extract_features",
@@ -212,11 +213,8 @@ def effective_rank(singular: np.ndarray) -> float:
 
 
 def _atomic_savefig(figure, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    figure.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    os.replace(tmp, path)
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=110, bbox_inches="tight", format=fmt))
 
 
 def _read_log(log) -> dict[str, list[float]]:
@@ -493,8 +491,6 @@ class StepLogger(keras.callbacks.Callback):
         kept = [row for row in rows if _as_step(row.get("step")) <= step]
         if header == columns and len(kept) == len(lines) - 1:
             return
-        from vicreg_tf.training import write_text_atomically
-
         body = "".join(",".join(row.get(c, "") for c in columns) + "\n" for row in kept)
         write_text_atomically(self.path, ",".join(columns) + "\n" + body)
 

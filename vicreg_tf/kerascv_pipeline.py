@@ -12,13 +12,8 @@ import math
 import keras
 import tensorflow as tf
 
-from vicreg_tf.augment import (
-    _PACKAGE,
-    _as_float_images,
-    _channel_stats,
-    _check_view_knobs,
-    _view_knobs,
-)
+from vicreg_tf import arguments
+from vicreg_tf.augment import _PACKAGE, PRESETS, _as_float_images, _channel_stats, _check_view_knobs
 
 __all__ = ["KerasCVViewPipeline", "KerasCVTwoViews", "kerascv_views"]
 
@@ -95,8 +90,7 @@ class KerasCVViewPipeline(keras.layers.Layer):
             raise ValueError(f"brightness must be in [0, 2] for KerasCV's RandomBrightness, got {brightness!r}")
         if knobs["contrast"] > 1.0:
             raise ValueError(f"contrast must be in [0, 1] for KerasCV's RandomContrast, got {contrast!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        self.seed = arguments.optional_seed(seed)
         self.knobs = knobs
         self.image_size = knobs["image_size"]
         self.mean = _channel_stats("mean", mean)
@@ -105,7 +99,6 @@ class KerasCVViewPipeline(keras.layers.Layer):
             raise ValueError(f"give both mean and std or neither, got mean={mean!r}, std={std!r}")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"std must be positive, got {std!r}")
-        self.seed = seed
         layers = keras_cv.layers
 
         def layer_seed(k):
@@ -244,13 +237,16 @@ def kerascv_views(image_size, seed: int | None = None, preset: str = "paper", **
     >>> view_a.shape
     TensorShape([4, 32, 32, 3])
     """
-    knobs_a, knobs_b = _view_knobs(preset, overrides)
-    seed_a = seed_b = None
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int or None, got {seed!r}")
-        seed_a, seed_b = 2 * seed, 2 * seed + 1
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    seed = arguments.optional_seed(seed)
+    views = PRESETS[preset](image_size, **overrides)  # the preset's knobs with the overrides, each one checked
+    seed_a, seed_b = (None, None) if seed is None else (2 * seed, 2 * seed + 1)
+
+    def knobs(view):
+        return {k: v for k, v in view.get_config().items() if k not in ("name", "trainable", "dtype", "seed")}
+
     return KerasCVTwoViews(
-        KerasCVViewPipeline(image_size, **knobs_a, seed=seed_a, name="view_a"),
-        KerasCVViewPipeline(image_size, **knobs_b, seed=seed_b, name="view_b"),
+        KerasCVViewPipeline(**knobs(views.view_a), seed=seed_a, name="view_a"),
+        KerasCVViewPipeline(**knobs(views.view_b), seed=seed_b, name="view_b"),
     )

@@ -38,6 +38,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from vicreg_tf.atomic_io import write_text_atomically
+
 SERVING_DEFAULT = "serving_default"
 SERVE_IMAGE_BYTES = "serve_image_bytes"
 SERVE_PROJECTION = "serve_projection"
@@ -273,11 +275,8 @@ def write_models_config(
         entry = entries.get(name) or config.model_config_list.config.add(name=name)
         entry.base_path = f"{root.rstrip('/')}/{name}"
         entry.model_platform = "tensorflow"
-    base_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{MODELS_CONFIG}.tmp-{os.getpid()}")
-    tmp.write_text(text_format.MessageToString(config))
     # A server polling the file (--model_config_file_poll_wait_seconds) never reads half of it.
-    os.replace(tmp, path)
+    write_text_atomically(path, text_format.MessageToString(config))
     return path
 
 

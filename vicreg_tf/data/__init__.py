@@ -8,8 +8,10 @@ memory, until a view is made; docs/DATA.md):
     RecordSource.from_tfrecords(glob)    records.py   TFRecord files of tf.train.Example
     ArraySource(images, labels)          arrays.py    uint8 arrays in memory (Fashion-MNIST)
 
-`vicreg_tf.training.view_pair_batches(source, two_views, batch, ...)` turns a
-source into each worker's rows of the global `(view_a, view_b)` batches.
+`view_pair_batches(source, two_views, batch, ...)` (pipeline.py) turns a source
+into each worker's rows of the global `(view_a, view_b)` batches, in three stages:
+`order` (which items form global batch t of epoch e, from (seed, epoch)),
+`decode_and_crop` and `views_from_crops` (here, or inside the train step).
 
 tf.data datasets of `(image float32 in [0, 1], label int32)` (for evaluation,
 transfer learning, or `view_pairs` in a Keras script):
@@ -20,24 +22,42 @@ transfer learning, or `view_pairs` in a Keras script):
     from_arrays(images, labels)          arrays.py
 
 `view_pairs(images, two_views, batch_size)` gives `(view_a, view_b)` batches from
-any such dataset and `eval_batches` plain batches (batches.py). Decoding, the
-crop window, the evaluation transform and the unreadable-image report are in
-images.py; the common source interface and the epoch orders in base.py.
+any such dataset (the pipeline's order and views) and `eval_batches` plain batches
+(batches.py). Decoding, the crop window, the evaluation transform and the
+unreadable-image report are in images.py; the common source interface in base.py.
 """
 from vicreg_tf.data.arrays import ArraySource, from_arrays
-from vicreg_tf.data.base import ceil_div, epoch_permutation, windowed_permutation
 from vicreg_tf.data.batches import eval_batches, view_pairs
-from vicreg_tf.data.fashion_mnist import FASHION_MNIST_DIR, fashion_mnist, fashion_mnist_arrays, read_idx
+from vicreg_tf.data.fashion_mnist import (
+    FASHION_MNIST_DIR,
+    fashion_mnist,
+    fashion_mnist_arrays,
+    fashion_mnist_dirs,
+    read_idx,
+)
 from vicreg_tf.data.folders import FolderSource, from_folder
 from vicreg_tf.data.images import (
     EVAL_CROP_FRACTION,
     IMAGE_EXTENSIONS,
     NO_LABEL,
+    UnreadableImagesReport,
     decode_crop,
     eval_transform,
     gray_image,
     safe_map,
     unreadable_images,
+)
+from vicreg_tf.data.pipeline import (
+    batch_seed,
+    ceil_div,
+    decode_and_crop,
+    distribute_view_pairs,
+    epoch_permutation,
+    mix_seeds,
+    order,
+    view_pair_batches,
+    views_from_crops,
+    windowed_permutation,
 )
 from vicreg_tf.data.records import RecordSource, from_tfds
 
@@ -52,16 +72,25 @@ __all__ = [
     "read_idx",
     "fashion_mnist",
     "fashion_mnist_arrays",
+    "fashion_mnist_dirs",
     "from_tfds",
     "from_folder",
     "from_arrays",
     "view_pairs",
+    "view_pair_batches",
+    "distribute_view_pairs",
+    "order",
+    "decode_and_crop",
+    "views_from_crops",
+    "batch_seed",
+    "mix_seeds",
     "eval_batches",
     "decode_crop",
     "eval_transform",
     "gray_image",
     "safe_map",
     "unreadable_images",
+    "UnreadableImagesReport",
     "epoch_permutation",
     "windowed_permutation",
     "ceil_div",

@@ -6,8 +6,9 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
+from vicreg_tf import arguments
 from vicreg_tf.data.base import _Source
-from vicreg_tf.data.images import NO_LABEL, _image_size, eval_transform
+from vicreg_tf.data.images import EVAL_CROP_FRACTION, NO_LABEL, eval_transform
 
 
 def from_arrays(images, labels=None) -> tf.data.Dataset:
@@ -89,10 +90,11 @@ class ArraySource(_Source):
     def limited(self, n: int) -> "ArraySource":
         return self if n >= self.count else ArraySource(self.array[:n], self.labels[:n], name=self.name)
 
-    def images(self, image_size) -> tf.data.Dataset:
-        size = _image_size(image_size)
+    def images(self, image_size, crop_fraction: float = EVAL_CROP_FRACTION) -> tf.data.Dataset:
+        size = arguments.image_size(image_size)
+        crop_fraction = arguments.crop_fraction(crop_fraction)
         dataset = tf.data.Dataset.from_tensor_slices((self.array, self.labels))
-        return dataset.map(lambda image, label: (eval_transform(image, size), label),
+        return dataset.map(lambda image, label: (eval_transform(image, size, crop_fraction), label),
                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def encoded(self):

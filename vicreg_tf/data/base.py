@@ -1,14 +1,10 @@
-"""What every source is: a count, its channels, its items, and the epoch orders (stateless)."""
+"""What every source is: a count, its channels, its items (or records), its evaluation images."""
 from __future__ import annotations
 
 import tensorflow as tf
 
-from vicreg_tf.data.images import _decode_full, _image_size, eval_transform
-
-
-def epoch_permutation(count: int, seed: tf.Tensor) -> tf.Tensor:
-    """A permutation of 0..count-1 from a (2,) stateless seed."""
-    return tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed=seed)
+from vicreg_tf import arguments
+from vicreg_tf.data.images import EVAL_CROP_FRACTION, _decode_full, eval_transform
 
 
 class _Source:
@@ -38,14 +34,18 @@ class _Source:
         """What to call an item in a warning."""
         return tf.strings.format("a record of {} bytes", tf.strings.length(item))
 
-    def images(self, image_size) -> tf.data.Dataset:
-        """Evaluation images: (float32 (h, w, C) in [0, 1], int32 label), in order, unreadable ones skipped."""
-        size = _image_size(image_size)
+    def images(self, image_size, crop_fraction: float = EVAL_CROP_FRACTION) -> tf.data.Dataset:
+        """Evaluation images: (float32 (h, w, C) in [0, 1], int32 label), in order, unreadable ones skipped.
+
+        Each is resized and center-cropped by `eval_transform` with `crop_fraction`.
+        """
+        size = arguments.image_size(image_size)
+        crop_fraction = arguments.crop_fraction(crop_fraction)
         channels = self.channels
 
         def load(item, label):
             image = _decode_full(self.read(item), channels)
-            return eval_transform(image, size), label
+            return eval_transform(image, size, crop_fraction), label
 
         def skip_bad(item, label):
             ok = tf.data.Dataset.from_tensors((item, label)).map(load).ignore_errors()
@@ -66,19 +66,3 @@ class _Source:
         """(encoded bytes, int32 label) in the source's order."""
         return self.encoded_items().map(lambda item, label: (self.read(item), label),
                                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def windowed_permutation(dataset: tf.data.Dataset, window: int, seed: tf.Tensor) -> tf.data.Dataset:
-    """Permutes each window of `window` consecutive elements with the stateless seed (seed, window index)."""
-    if window <= 1:
-        return dataset
-
-    def permute(index, batch):
-        order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(batch[1])[0]), seed=tf.stack([seed[0], seed[1] * 1_000_003 + index]))
-        return tuple(tf.gather(part, order) for part in batch)
-
-    return dataset.batch(window).enumerate().map(permute).unbatch()
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)

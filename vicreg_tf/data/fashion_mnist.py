@@ -15,7 +15,7 @@ from vicreg_tf.data.arrays import from_arrays
 
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package
 _FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", 60_000),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", 10_000),
@@ -71,6 +71,16 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+def fashion_mnist_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The folders searched for the IDX files, in order: `data_dir`, else $VICREG_DATA_DIR (and its
+    fashion-mnist/ subfolder), else FASHION_MNIST_DIR."""
+    if data_dir is not None:
+        return [Path(data_dir)]
+    if os.environ.get("VICREG_DATA_DIR"):
+        return [Path(os.environ["VICREG_DATA_DIR"]), Path(os.environ["VICREG_DATA_DIR"]) / "fashion-mnist"]
+    return [Path(FASHION_MNIST_DIR)]
+
+
 def _find_idx(directory: Path, stem: str) -> Path | None:
     for name in (stem + ".gz", stem, stem.replace("-idx", ".idx") + ".gz", stem.replace("-idx", ".idx")):
         if (directory / name).is_file():
@@ -108,12 +118,7 @@ def fashion_mnist_arrays(split: str = "train", data_dir: str | os.PathLike | Non
     if base not in _FASHION_MNIST_FILES:
         raise ValueError(f"split must be 'train' or 'test' (optionally sliced), got {split!r}")
     images_stem, labels_stem, expected = _FASHION_MNIST_FILES[base]
-    if data_dir is not None:
-        candidates = [Path(data_dir)]
-    elif os.environ.get("VICREG_DATA_DIR"):
-        candidates = [Path(os.environ["VICREG_DATA_DIR"]), Path(os.environ["VICREG_DATA_DIR"]) / "fashion-mnist"]
-    else:
-        candidates = [Path(FASHION_MNIST_DIR)]
+    candidates = fashion_mnist_dirs(data_dir)
     for directory in candidates:
         images_path, labels_path = _find_idx(directory, images_stem), _find_idx(directory, labels_stem)
         if images_path and labels_path:
@@ -144,7 +149,7 @@ def fashion_mnist(split: str = "train", data_dir: str | os.PathLike | None = Non
 
     The files (`train-images-idx3-ubyte.gz` etc., gzipped or not) are looked up
     in `data_dir`, else `$VICREG_DATA_DIR`, else /usr/share/datasets/fashion-mnist
-    (Debian's `dataset-fashion-mnist` package). Magic numbers and counts are
+    (Debian's `dataset-fashion-mnist` package): `fashion_mnist_dirs`. Magic numbers and counts are
     checked against the headers (the official files: 60000 train / 10000 test
     images of 28x28; other counts are accepted with a logged warning).
 

@@ -10,8 +10,9 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from vicreg_tf import arguments
 from vicreg_tf.data.base import _Source
-from vicreg_tf.data.images import IMAGE_EXTENSIONS, NO_LABEL, _channels, _decode_full, _image_size, eval_transform
+from vicreg_tf.data.images import EVAL_CROP_FRACTION, IMAGE_EXTENSIONS, NO_LABEL, _decode_full, eval_transform
 
 
 def _list_images(root: Path) -> list[Path]:
@@ -39,6 +40,7 @@ def from_folder(
     *,
     labels: str = "auto",
     validate: bool = False,
+    crop_fraction: float = EVAL_CROP_FRACTION,
 ) -> tf.data.Dataset:
     """Images under a folder (recursive; jpg, jpeg, png, bmp, gif) as (image, label) pairs.
 
@@ -51,9 +53,9 @@ def from_folder(
     are dropped while iterating. Nothing is decoded up front unless
     `validate=True` (one parallel decoding pass that names the bad files in a
     single warning: hours for a million photos, so off by default). Images are
-    resized so the shorter side is `image_size / 0.875` and center-cropped (the
-    standard evaluation transform; the aspect ratio is kept), an image already
-    of `image_size` is left as it is; GIFs give their first frame. For training,
+    resized so the shorter side is `image_size / crop_fraction` and center-cropped
+    (the standard evaluation transform, `eval_transform`; the aspect ratio is kept),
+    whatever their size; GIFs give their first frame. For training,
     `FolderSource` streams file names and crops each view from
     the original image instead.
 
@@ -63,6 +65,8 @@ def from_folder(
         channels: 1 (gray) or 3 (RGB).
         labels: "auto", "folders" or "none".
         validate: decode every file once up front, to leave the unreadable out and name them.
+        crop_fraction: the center crop's share of the resized shorter side (0.875: 224 of 256;
+            1.0: the whole shorter side).
 
     Raises:
         FileNotFoundError: `path` is not a folder.
@@ -71,7 +75,8 @@ def from_folder(
     Example:
     >>> ds = from_folder("photos/", (64, 64))  # doctest: +SKIP
     """
-    size = _image_size(image_size)
+    size = arguments.image_size(image_size)
+    crop_fraction = arguments.crop_fraction(crop_fraction)
     source = FolderSource(path, channels, labels=labels)  # lists the files and their labels
     channels = source.channels
     names, targets = source.names, source.labels
@@ -91,7 +96,7 @@ def from_folder(
 
     def load(filename, label):
         image = _decode_full(tf.io.read_file(filename), channels)
-        return tf.ensure_shape(eval_transform(image, size), (*size, channels)), label
+        return tf.ensure_shape(eval_transform(image, size, crop_fraction), (*size, channels)), label
 
     dataset = tf.data.Dataset.from_tensor_slices((names, targets))
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -138,7 +143,7 @@ class FolderSource(_Source):
 
     def __init__(self, path, channels: int = 3, *, labels: str = "auto", split: str = "all",
                  eval_fraction: float = 0.1):
-        channels = _channels(channels)
+        channels = arguments.channels(channels)
         if labels not in ("auto", "folders", "none"):
             raise ValueError(f"labels must be 'auto', 'folders' or 'none', got {labels!r}")
         if split not in ("all", "train", "eval"):

@@ -1,14 +1,16 @@
-"""Decoding, the crop window, the evaluation transform, unreadable images, argument checks.
+"""Decoding, the crop window, the evaluation transform, unreadable images and their report.
 
 Shared by every source: `decode_crop` decodes only a view's window of an encoded
 image (JPEG: `tf.image.decode_and_crop_jpeg`), `eval_transform` is the standard
 resize-then-center-crop, `safe_map` replaces an image that fails to decode by a
-gray one and records its name in `unreadable_images`.
+gray one and records its name in `unreadable_images`, which `UnreadableImagesReport`
+prints once per epoch.
 """
 from __future__ import annotations
 
 import threading
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -16,36 +18,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 NO_LABEL = -1
 EVAL_CROP_FRACTION = 0.875  # 224 / 256: the standard resize-then-center-crop
 _GRAY = 128
-
-
-# -- argument checks ------------------------------------------------------------------
-
-
-def _image_size(image_size) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) and not isinstance(image_size, bool) else image_size
-    try:
-        height, width = size
-        ok = all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in (height, width))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"image_size must be a positive int or a (height, width) pair of positive ints, got {image_size!r}"
-        )
-    return int(height), int(width)
-
-
-def _channels(channels) -> int:
-    if channels not in (1, 3) or isinstance(channels, bool):
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    return int(channels)
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
 
 
 # -- unreadable images -------------------------------------------------------------
@@ -72,6 +44,21 @@ class _Unreadable:
 
 
 unreadable_images = _Unreadable()
+
+
+class UnreadableImagesReport(keras.callbacks.Callback):
+    """One warning line per epoch naming the images that could not be decoded (replaced by gray)."""
+
+    def __init__(self, shown: int = 5):
+        super().__init__()
+        self.shown = shown
+
+    def on_epoch_end(self, epoch, logs=None):
+        names = unreadable_images.take()
+        if names:
+            listed = ", ".join(names[: self.shown]) + (", ..." if len(names) > self.shown else "")
+            print(f"warning: epoch {epoch + 1}: {len(names)} image(s) could not be decoded and were replaced "
+                  f"by gray images: {listed}", flush=True)
 
 
 def _record_unreadable(name: tf.Tensor) -> tf.Tensor:
@@ -127,26 +114,24 @@ def decode_crop(contents: tf.Tensor, box_fn, size: tuple[int, int], channels: in
     return tf.ensure_shape(_resize_uint8(image, size), [*size, channels])
 
 
-def eval_transform(image: tf.Tensor, size: tuple[int, int]) -> tf.Tensor:
-    """uint8 (H, W, C) -> float32 `size` in [0, 1]: shorter side to size / 0.875, then a center crop.
+def eval_transform(image: tf.Tensor, size: tuple[int, int], crop_fraction: float = EVAL_CROP_FRACTION) -> tf.Tensor:
+    """uint8 (H, W, C) -> float32 `size` in [0, 1]: shorter side to max(size) / crop_fraction, then a center crop.
 
-    An image already of `size` is only converted (Fashion-MNIST stays pixel for pixel).
+    One geometry for every image size: with `crop_fraction` 0.875 (224 of 256, for
+    photos) a 28x28 image and a 30x30 one both keep their central 87.5%; with 1.0 an
+    image already of a square `size` is kept pixel for pixel (the resize to its own
+    size is the identity).
     """
     height, width = size
     shape = tf.shape(image)
-
-    def resize_and_crop():
-        scale = tf.cast(tf.maximum(height, width), tf.float32) / EVAL_CROP_FRACTION / tf.cast(
-            tf.minimum(shape[0], shape[1]), tf.float32
-        )
-        new_h = tf.maximum(height, tf.cast(tf.round(tf.cast(shape[0], tf.float32) * scale), tf.int32))
-        new_w = tf.maximum(width, tf.cast(tf.round(tf.cast(shape[1], tf.float32) * scale), tf.int32))
-        resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]), "bilinear", antialias=True)
-        top, left = (new_h - height) // 2, (new_w - width) // 2
-        return tf.clip_by_value(resized[top:top + height, left:left + width], 0.0, 255.0)
-
-    same = tf.logical_and(tf.equal(shape[0], height), tf.equal(shape[1], width))
-    out = tf.cond(same, lambda: tf.cast(image, tf.float32), resize_and_crop)
+    scale = tf.cast(tf.maximum(height, width), tf.float32) / crop_fraction / tf.cast(
+        tf.minimum(shape[0], shape[1]), tf.float32
+    )
+    new_h = tf.maximum(height, tf.cast(tf.round(tf.cast(shape[0], tf.float32) * scale), tf.int32))
+    new_w = tf.maximum(width, tf.cast(tf.round(tf.cast(shape[1], tf.float32) * scale), tf.int32))
+    resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]), "bilinear", antialias=True)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    out = tf.clip_by_value(resized[top:top + height, left:left + width], 0.0, 255.0)
     return tf.ensure_shape(out / 255.0, [height, width, image.shape[-1]])
 
 

@@ -9,8 +9,9 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from vicreg_tf import arguments
 from vicreg_tf.data.base import _Source
-from vicreg_tf.data.images import NO_LABEL, _channels, _image_size, _to_channels, eval_transform
+from vicreg_tf.data.images import EVAL_CROP_FRACTION, NO_LABEL, _to_channels, eval_transform
 
 
 def _tfds_builder(name: str, data_dir, image_key: str | None):
@@ -45,6 +46,7 @@ def from_tfds(
     download: bool = True,
     image_key: str | None = None,
     label_key: str | None = "label",
+    crop_fraction: float = EVAL_CROP_FRACTION,
 ) -> tf.data.Dataset:
     """A TensorFlow Datasets dataset as (image float32 in [0, 1], label int32) pairs.
 
@@ -59,6 +61,8 @@ def from_tfds(
             `data_dir` (needs internet for most datasets).
         image_key: the image feature (default: the only Image feature).
         label_key: the label feature; its absence gives label -1.
+        crop_fraction: with `image_size`, the evaluation transform's center crop share
+            (`eval_transform`).
 
     Raises:
         ValueError: `name` is not a registered tfds dataset.
@@ -67,9 +71,10 @@ def from_tfds(
     >>> train = from_tfds("cifar10", "train", image_size=(32, 32))  # doctest: +SKIP
     """
 
-    size = None if image_size is None else _image_size(image_size)
+    size = None if image_size is None else arguments.image_size(image_size)
+    crop_fraction = arguments.crop_fraction(crop_fraction)
     if channels is not None:
-        channels = _channels(channels)
+        channels = arguments.channels(channels)
     builder, features, image_key = _tfds_builder(name, data_dir, image_key)
     if size is None and None in tuple(features[image_key].shape[:2]):
         raise ValueError(f"{name} images have no fixed size {features[image_key].shape}; pass image_size=(h, w)")
@@ -82,8 +87,8 @@ def from_tfds(
         image = _to_channels(example[image_key], channels)
         if size is None:
             image = tf.image.convert_image_dtype(image, tf.float32)
-        else:  # the standard evaluation transform: shorter side to size / 0.875, center crop
-            image = eval_transform(image, size)
+        else:  # the standard evaluation transform: shorter side to size / crop_fraction, center crop
+            image = eval_transform(image, size, crop_fraction)
         label = tf.cast(example[label_key], tf.int32) if has_label else tf.constant(NO_LABEL, tf.int32)
         return image, label
 
@@ -151,7 +156,7 @@ class RecordSource(_Source):
         """
         import tensorflow_datasets as tfds
 
-        channels = _channels(channels)
+        channels = arguments.channels(channels)
         builder, features, image_key = _tfds_builder(name, data_dir, image_key)
         if not builder.is_prepared():
             where = builder.data_dir
@@ -200,7 +205,7 @@ class RecordSource(_Source):
         files = sorted(_glob.glob(pattern)) if isinstance(pattern, str) else [str(p) for p in pattern]
         if not files:
             raise ValueError(f"no TFRecord files match {pattern!r}")
-        channels = _channels(channels)
+        channels = arguments.channels(channels)
         first = next(iter(tf.data.TFRecordDataset(files[0]).take(1)), None)
         if first is None:
             raise ValueError(f"{files[0]} holds no records")
