@@ -1,4 +1,5 @@
-"""View layers: the recipe's per-image probabilities, value range, seeds, eager vs tf.data, configs, errors."""
+"""View layers: the battery for every op (tests/view_checks.py), the recipe's per-image probabilities, what each
+op does, seeds, presets, errors, and the KerasCV twin."""
 from __future__ import annotations
 
 import math
@@ -9,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from vicreg_tf import augment, kerascv_pipeline
+from view_checks import run_view_layer_checks
 
 N = 4000  # images per probability estimate: 4 sigma of a 0.2 rate is 0.025
 
@@ -47,41 +49,51 @@ def _rgb(n=N, size=8, seed=0):
     return tf.random.stateless_uniform((n, size, size, 3), (seed, 7))
 
 
-# -- each layer and the whole pipeline, eagerly and in tf.data -------------------------------------
+# -- the battery, for every view op ---------------------------------------------------------------
 
 
-LAYERS = {
-    "crop": lambda: augment.RandomResizedCrop((6, 5)),
-    "flip": lambda: augment.RandomHorizontalFlip(0.5),
-    "color_jitter": lambda: augment.RandomColorJitter(0.8),
-    "grayscale": lambda: augment.RandomGrayscale(0.5),
-    "blur": lambda: augment.RandomGaussianBlur(0.5),
-    "solarize": lambda: augment.RandomSolarize(0.5),
-    "view": lambda: augment.ViewPipeline(6, blur_prob=0.5, solarize_prob=0.5),
+VIEW_LAYERS = {  # name -> (factory, images (batch, height, width, channels), outputs in [0, 1])
+    "crop": (lambda: augment.RandomResizedCrop((6, 5)), (16, 9, 9, 3), True),
+    "flip": (lambda: augment.RandomHorizontalFlip(0.5), (16, 9, 9, 3), True),
+    "color_jitter": (lambda: augment.RandomColorJitter(0.8), (16, 9, 9, 3), True),
+    "color_jitter_one_channel": (lambda: augment.RandomColorJitter(1.0, brightness=0.9, contrast=0.9),
+                                 (16, 9, 9, 1), True),
+    "grayscale": (lambda: augment.RandomGrayscale(0.5), (16, 9, 9, 3), True),
+    "blur": (lambda: augment.RandomGaussianBlur(0.5), (16, 9, 9, 3), True),
+    "solarize": (lambda: augment.RandomSolarize(0.5), (16, 9, 9, 3), True),
+    "view": (lambda: augment.ViewPipeline(6, blur_prob=0.5, solarize_prob=0.5), (16, 9, 9, 3), True),
+    "paper_views": (lambda: augment.paper_views(8, seed=3, view_b={"solarize_prob": 0.3}), (16, 11, 10, 3), True),
+    "grayscale_views": (lambda: augment.grayscale_views(8, seed=0), (16, 11, 10, 1), True),
+    "grayscale_views_normalized": (lambda: augment.grayscale_views((6, 5), mean=0.5, std=0.25), (8, 9, 9, 1), False),
 }
 
 
-@pytest.mark.parametrize("name", sorted(set(LAYERS) - {"view"}))  # the view: see test_two_views_eager_equals_tf_data
-def test_layer_eager_equals_tf_data(name):
-    layer = LAYERS[name]()
-    images = _rgb(16, size=9)
-    eager = layer(images, seed=tf.constant([1, 2], tf.int64))
-    mapped = _in_tf_data(layer, images)
-    assert eager.shape == mapped.shape and eager.dtype == mapped.dtype == tf.float32
-    _assert_in_unit_range(eager)
-    np.testing.assert_allclose(eager.numpy(), mapped.numpy(), atol=1e-6)
+@pytest.mark.parametrize("name", sorted(VIEW_LAYERS))
+def test_view_layer_battery(name):
+    factory, shape, unit_range = VIEW_LAYERS[name]
+    run_view_layer_checks(factory, image_shape=shape, unit_range=unit_range)
 
 
-@pytest.mark.parametrize("preset, channels", [("paper", 3), ("gray", 1)])
-def test_two_views_eager_equals_tf_data(preset, channels, paper, gray):
-    views = {"paper": paper, "gray": gray}[preset]
-    images = tf.random.stateless_uniform((16, 11, 10, channels), (3, 4))
-    eager = views(images, seed=tf.constant([1, 2], tf.int64))
-    mapped = _in_tf_data(views, images)
-    for e, m in zip(eager, mapped):
-        assert tuple(e.shape) == (16, 8, 8, channels) and e.dtype == m.dtype == tf.float32
-        _assert_in_unit_range(e)
-        np.testing.assert_allclose(e.numpy(), m.numpy(), atol=1e-6)
+def test_every_view_op_and_preset_of_augment_gets_the_battery():
+    ops = {getattr(augment, name) for name in augment.__all__
+           if isinstance(getattr(augment, name), type) and issubclass(getattr(augment, name), keras.layers.Layer)}
+    covered = {type(factory()) for factory, _, _ in VIEW_LAYERS.values()}
+    assert len(ops) == 8 and ops <= covered, sorted(o.__name__ for o in ops - covered)
+    assert {f"{preset}_views" for preset in augment.PRESETS} <= set(VIEW_LAYERS)
+
+
+def test_the_device_half_of_the_views_is_one_call_on_numbers_drawn_once():
+    # Keras' two phases: the numbers are drawn once (on the host) and the rest applied anywhere.
+    views = augment.paper_views(8, seed=0)
+    images = _rgb(8, size=11)
+    numbers = views.get_random_transformation((8, 11, 11, 3), tf.constant([5, 6]))
+    crops_a, crops_b = views.crop_images(images, numbers)
+    whole = views.augment(images, tf.constant([5, 6]))
+    for x, y in zip(views.transform_crops(crops_a, crops_b, numbers), whole, strict=True):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+    # Inside a graph (as in the train step) the kernels may round differently: as test_sources's device check.
+    for x, y in zip(tf.function(views.transform_crops)(crops_a, crops_b, numbers), whole, strict=True):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), atol=1e-5)
 
 
 def test_unknown_spatial_size_in_tf_data(gray):
@@ -92,20 +104,9 @@ def test_unknown_spatial_size_in_tf_data(gray):
     assert tuple(view_a.shape) == tuple(view_b.shape) == (4, 8, 8, 1)
 
 
-def test_single_image_without_batch_axis(paper):
-    view_a, view_b = paper(_rgb(1)[0], seed=[1, 2])
-    assert tuple(view_a.shape) == (8, 8, 3)
-
-
 def test_uint8_images_are_rescaled():
     out = augment.RandomSolarize(0.0)(tf.fill((1, 2, 2, 1), tf.constant(255, tf.uint8)))
     assert out.dtype == tf.float32 and float(tf.reduce_min(out)) == 1.0
-
-
-def test_views_stay_float32_under_mixed_precision(paper):
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    views = augment.paper_views(8, seed=0)
-    assert all(v.dtype == tf.float32 for v in views(_rgb(2), seed=[1, 2]))
 
 
 # -- the recipe's probabilities, per image -------------------------------------------------------
@@ -223,12 +224,6 @@ def test_rare_op_that_picks_no_image_returns_the_batch_unchanged(layer):
         np.testing.assert_array_equal(fn(images, seed=[1, 2]).numpy(), images.numpy())
 
 
-def test_color_jitter_on_one_channel_stays_in_range():
-    out = augment.RandomColorJitter(1.0, brightness=0.9, contrast=0.9)(_rgb(64)[..., :1], seed=[1, 2])
-    assert out.shape == (64, 8, 8, 1)
-    _assert_in_unit_range(out)
-
-
 def test_grayscale_uses_luma_weights():
     out = augment.RandomGrayscale(1.0)(tf.constant([[[[1.0, 0.0, 0.0]]]]), seed=[1, 2]).numpy().ravel()
     np.testing.assert_allclose(out, [0.2989] * 3, atol=1e-3)
@@ -265,25 +260,18 @@ def test_int64_seeds_beyond_int32_work(paper):
     _assert_in_unit_range(view_a)
 
 
+def test_presets_are_builders_by_name():
+    assert augment.PRESETS == {"paper": augment.paper_views, "grayscale": augment.grayscale_views}
+    views = augment.PRESETS["grayscale"](28, seed=1, view_b={"blur_prob": 0.3})
+    same = augment.grayscale_views(28, seed=1, view_b={"blur_prob": 0.3})
+    assert isinstance(views, augment.TwoViews) and views.seed == same.seed == 1
+    assert (views.view_a.get_config(), views.view_b.get_config()) == (same.view_a.get_config(), same.view_b.get_config())
+    assert views.view_a.blur.probability == 0.5 and views.view_b.blur.probability == 0.3
+
+
 def test_mismatched_view_sizes_raise():
     with pytest.raises(ValueError, match=r"same image_size, got \(8, 8\) for view a and \(6, 6\)"):
         augment.TwoViews(augment.ViewPipeline(8), augment.ViewPipeline(6))
-
-
-# -- configs --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", sorted(LAYERS) + ["paper_views", "grayscale_views"])
-def test_get_config_round_trip(name):
-    factories = {**LAYERS, "paper_views": lambda: augment.paper_views(6, seed=3, view_b={"solarize_prob": 0.3}),
-                 "grayscale_views": lambda: augment.grayscale_views((6, 5), mean=0.5, std=0.25)}
-    layer = factories[name]()
-    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert type(clone) is type(layer) and clone.get_config() == layer.get_config()
-    images = _rgb(4, size=9)[..., :1] if name == "grayscale_views" else _rgb(4, size=9)
-    out, out_clone = layer(images, seed=[4, 5]), clone(images, seed=[4, 5])
-    for x, y in zip(tf.nest.flatten(out), tf.nest.flatten(out_clone)):
-        np.testing.assert_array_equal(x.numpy(), y.numpy())
 
 
 # -- bad arguments ------------------------------------------------------------------------------------------
@@ -373,6 +361,15 @@ def test_kerascv_get_config_round_trip(kerascv_paper):
     clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(kerascv_paper))
     assert isinstance(clone, kerascv_pipeline.KerasCVTwoViews) and clone.get_config() == kerascv_paper.get_config()
     assert clone.view_b.knobs["solarize_prob"] == 0.2
+
+
+def test_kerascv_views_take_the_presets_knobs():
+    twin = kerascv_pipeline.kerascv_views(8, preset="grayscale", view_b={"blur_prob": 0.3})
+    for name in ("view_a", "view_b"):
+        ours = getattr(augment.grayscale_views(8, view_b={"blur_prob": 0.3}), name).get_config()
+        assert getattr(twin, name).knobs == {k: ours[k] for k in getattr(twin, name).knobs}
+    with pytest.raises(ValueError, match=r"preset must be one of \['grayscale', 'paper'\], got 'fancy'"):
+        kerascv_pipeline.kerascv_views(8, preset="fancy")
 
 
 def test_kerascv_out_of_range_knob_raises():
