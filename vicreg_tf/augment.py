@@ -168,6 +168,20 @@ def _apply_to_subset(images, mask, fn):
     return tf.cond(tf.shape(indices)[0] > 0, apply, lambda: tf.identity(images))
 
 
+def _with_gate(numbers: dict, seed, batch, probability: float, rows) -> dict:
+    """An op's `numbers` and, when it runs on only some images, which ones ("apply")."""
+    if probability < 1.0:
+        numbers["apply"] = _bernoulli(seed, batch, probability, rows)
+    return numbers
+
+
+def _apply_gated(images, transformation: dict, fn):
+    """fn(images, rows) on the images the gate picked: all of them when there is no gate."""
+    if "apply" not in transformation:
+        return fn(images, tf.range(tf.cast(tf.shape(images)[0], tf.int64)))
+    return _apply_to_subset(images, transformation["apply"], fn)
+
+
 def _as_seed(seed) -> tf.Tensor:
     """Any integer seed pair -> the (2,) int32 tensor TensorFlow's stateless ops take."""
     seed = tf.convert_to_tensor(seed)
@@ -451,9 +465,7 @@ class RandomColorJitter(_ImageAugmentation):
             # A random order per image, as torchvision's ColorJitter.
             "order": tf.argsort(_row_uniform(seeds[1], rows, batch, 0.0, 1.0, extra=(len(ops),)), axis=1),  # int32
         }
-        if self.probability < 1.0:
-            numbers["apply"] = _bernoulli(seeds[0], batch, self.probability, rows)
-        return numbers
+        return _with_gate(numbers, seeds[0], batch, self.probability, rows)
 
     def transform_images(self, images, transformation):
         if not transformation:
@@ -478,9 +490,7 @@ class RandomColorJitter(_ImageAugmentation):
                 x = tf.ensure_shape(tf.dynamic_stitch(part_ids, outs), x.shape)
             return x
 
-        if "apply" not in transformation:
-            return jitter(images, tf.range(tf.cast(tf.shape(images)[0], tf.int64)))
-        return _apply_to_subset(images, transformation["apply"], jitter)
+        return _apply_gated(images, transformation, jitter)
 
     def get_config(self):
         config = super().get_config()
@@ -568,10 +578,8 @@ class RandomGaussianBlur(_ImageAugmentation):
             kernel = tf.exp(-0.5 * tf.square(taps[None, :] / sigmas[:, None]))
             return kernel / tf.reduce_sum(kernel, axis=1, keepdims=True)
 
-        numbers = {"kernels": _row_uniform(seeds[1], rows, batch, *self.sigma, then=gaussian)}
-        if self.probability < 1.0:
-            numbers["apply"] = _bernoulli(seeds[0], batch, self.probability, rows)
-        return numbers
+        kernels = _row_uniform(seeds[1], rows, batch, *self.sigma, then=gaussian)
+        return _with_gate({"kernels": kernels}, seeds[0], batch, self.probability, rows)
 
     def transform_images(self, images, transformation):
         if not transformation:
@@ -595,9 +603,7 @@ class RandomGaussianBlur(_ImageAugmentation):
                 out += weights[k] * rows_blurred[:, k:k + h]
             return tf.ensure_shape(out, x.shape)
 
-        if "apply" not in transformation:
-            return blur(images, tf.range(tf.cast(tf.shape(images)[0], tf.int64)))
-        return _apply_to_subset(images, transformation["apply"], blur)
+        return _apply_gated(images, transformation, blur)
 
     def get_config(self):
         config = super().get_config()
