@@ -65,9 +65,9 @@ def run_row(name: str, args, x_train, x_eval_train, x_eval_test) -> dict:
     import vicreg_tf  # before keras / tensorflow, as users do
 
     import keras
-    import tensorflow as tf
+    import numpy as np
 
-    from vicreg_tf import augment, backbones, training
+    from vicreg_tf import augment, backbones, data
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(args.seed)
@@ -84,9 +84,10 @@ def run_row(name: str, args, x_train, x_eval_train, x_eval_test) -> dict:
         spec = dict(spec)
         model = build(spec.pop("method"), backbone, total, **spec)
         model.compile(optimizer=vicreg_tf.LARS(lr, weight_decay=RECIPE["weight_decay"], eta=RECIPE["eta"]))
-        dataset = training.resumable_view_pairs(
-            tf.data.Dataset.from_tensor_slices(x_train), augment.grayscale_views(28, seed=args.seed), batch,
-            steps_per_epoch=steps, epochs=args.epochs, seed=args.seed, shuffle_buffer=len(x_train))
+        # The trainer's input pipeline (vicreg_tf.data.view_pair_batches) on the uint8 arrays.
+        source = data.ArraySource(np.round(x_train * 255).astype(np.uint8))
+        dataset = data.view_pair_batches(source, augment.grayscale_views(28, seed=args.seed), batch,
+                                         steps_per_epoch=steps, epochs=args.epochs, seed=args.seed)
         t0 = time.perf_counter()
         history = model.fit(dataset, epochs=args.epochs, steps_per_epoch=steps, verbose=2,
                             callbacks=[vicreg_tf.StopOnNonFiniteLoss()])

@@ -78,7 +78,7 @@ def resnet50_step(batch_size: int = 64, steps: int = 20) -> dict:
 
 
 def input_rate(steps: int = 10, batch_size: int = 64) -> list[dict]:
-    from vicreg_tf import augment, data, training
+    from vicreg_tf import augment, data
 
     rows = []
     folder = REPO / "bench" / "results" / "photos"
@@ -87,8 +87,8 @@ def input_rate(steps: int = 10, batch_size: int = 64) -> list[dict]:
     source = data.FolderSource(make_photos(folder, 512), 3)
     views = augment.paper_views(224, seed=0)
     for device in (False, True):
-        batches = training.view_pair_batches(source, views, batch_size, steps_per_epoch=steps + 1, epochs=1,
-                                             seed=0, device_views=device)
+        batches = data.view_pair_batches(source, views, batch_size, steps_per_epoch=steps + 1, epochs=1,
+                                         seed=0, device_views=device)
         iterator = iter(batches)
         next(iterator)
         start = time.perf_counter()

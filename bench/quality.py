@@ -13,7 +13,7 @@ eta 0.02, 1-D parameters excluded), 1 warm-up epoch then cosine to 0.001 x peak,
 number of epochs, and the views of vicreg_tf.augment.grayscale_views (crop area 0.2-1,
 flip, brightness/contrast jitter p 0.8 with strengths 0.4, blur p 0.5 / 0.1 with sigma
 0.1-1, solarize p 0 / 0.2). vicreg-tf uses its own
-pipeline (vicreg_tf.training.resumable_view_pairs); PyTorch uses lightly's VICRegLoss, the
+pipeline (vicreg_tf.data.view_pair_batches on the uint8 arrays, as vicreg-train); PyTorch uses lightly's VICRegLoss, the
 official LARS and schedule and bench.peer_torch.grayscale_views. Each side writes the
 backbone's features of the 60000 train and 10000 test images (BatchNorm in inference mode)
 to bench/results/quality/*.npy; one NumPy evaluation scores every row the same way:
@@ -147,7 +147,7 @@ def _tf_child(task: dict) -> dict:
     import keras
     import tensorflow as tf
 
-    from vicreg_tf import augment, backbones, training
+    from vicreg_tf import augment, backbones, data
 
     seed = task["seed"]
     keras.utils.set_random_seed(seed)
@@ -164,9 +164,10 @@ def _tf_child(task: dict) -> dict:
         views = augment.grayscale_views(28, seed=seed)
         if task["stage"] == "tf_vicreg":
             model = vicreg_tf.VICReg(backbone, projector=RECIPE["expander"])
-            dataset = training.resumable_view_pairs(
-                tf.data.Dataset.from_tensor_slices(pre), views, batch, steps_per_epoch=steps,
-                epochs=task["epochs"], seed=seed, shuffle_buffer=len(pre))
+            # The trainer's input pipeline on Fashion-MNIST: uint8 arrays, rows cropped, then the views.
+            source = data.ArraySource(np.round(pre * 255).astype(np.uint8))
+            dataset = data.view_pair_batches(source, views, batch, steps_per_epoch=steps, epochs=task["epochs"],
+                                             seed=seed)
             model.compile(optimizer=optimizer)
         else:
             inputs = keras.Input((28, 28, 1))

@@ -7,10 +7,11 @@ Generates folders of JPEGs at photo sizes (320-500 x 240-400 px, smooth random c
 quality 90; made once with PIL and reused), then, each row in a fresh process so that its
 peak resident memory (ru_maxrss) is its own:
 
-  before    the data path trainers/pretrain.py built until this change: `data.from_folder(validate=True)`
+  before    the data path trainers/pretrain.py built until issue 13: `data.from_folder(validate=True)`
             (every file decoded once up front), `.cache()` of the decoded float32 images, then
-            `training.resumable_view_pairs` with the paper's views at 224x224, batch 32.
-  after     `data.FolderSource` + `training.view_pair_batches` (file names shuffled, each
+            the views of those images (`data.view_pairs`, the input pipeline's order and views;
+            `training.resumable_view_pairs` until issue 23), paper's views at 224x224, batch 32.
+  after     `data.FolderSource` + `data.view_pair_batches` (file names shuffled, each
             view's crop sampled on the original and decoded as a window, rows per worker).
   worker    the same, as worker 0 of 2 (`row_start=0, row_count=16` of a global batch of 32):
             the images it decodes per global batch are half of a single process's.
@@ -41,7 +42,7 @@ import json, os, resource, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 import vicreg_tf
 import tensorflow as tf
-from vicreg_tf import augment, data, training
+from vicreg_tf import augment, data
 
 mode, folder, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 batch = 32
@@ -49,14 +50,13 @@ views = augment.paper_views(224, seed=0)
 start = time.perf_counter()
 if mode == "before":
     images = data.from_folder(folder, (224, 224), validate=True).cache()
-    dataset = training.resumable_view_pairs(images, views, batch, steps_per_epoch=steps + 1, epochs=1, seed=0,
-                                            shuffle_buffer=10000)
+    dataset = data.view_pairs(images, views, batch, seed=0, shuffle_buffer=10000)
     rows = batch
 else:
     source = data.FolderSource(folder)
     rows = batch if mode == "after" else batch // 2
-    dataset = training.view_pair_batches(source, views, batch, steps_per_epoch=steps + 1, epochs=1, seed=0,
-                                         row_start=0, row_count=rows)
+    dataset = data.view_pair_batches(source, views, batch, steps_per_epoch=steps + 1, epochs=1, seed=0,
+                                     row_start=0, row_count=rows)
 iterator = iter(dataset)
 next(iterator)
 first = time.perf_counter() - start
