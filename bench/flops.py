@@ -28,8 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.throughput import (LABELS, MAIN_PYTHON, NETWORKS, PEER_PYTHON, RESULTS, ROOT, machine, md_table,
-                              write_results)
+from bench.throughput import LABELS, MAIN_PYTHON, NETWORKS, PEER_PYTHON, RESULTS, ROOT, machine, md_table, write_results
 
 PROTOCOL = "@@"
 
@@ -77,8 +76,8 @@ def _theoretical_peak() -> float | None:
     """cores x MHz x 32 FLOP/cycle (two 256-bit FMA pipes, float32), for AVX2 CPUs such as Zen 2/3."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        mhz = float(next(l for l in lines if l.startswith("cpu MHz")).split(":")[1])
-        flags = next(l for l in lines if l.startswith("flags"))
+        mhz = float(next(line for line in lines if line.startswith("cpu MHz")).split(":")[1])
+        flags = next(line for line in lines if line.startswith("flags"))
     except (OSError, StopIteration, ValueError):
         return None
     if " fma" not in flags or " avx2" not in flags:
@@ -104,16 +103,16 @@ def _matmul_gflops(mm, n: int, calls: int = 10) -> float:
 
 
 def _tf_child(task: dict) -> dict:
-    import vicreg_tf  # first, as users do: it decides TensorFlow's oneDNN default
     import numpy as np
     import tensorflow as tf
+
+    import vicreg_tf  # first, as users do: it decides TensorFlow's oneDNN default
 
     if task["what"] == "matmul":
         n = task["n"]
         a = tf.random.normal((n, n))
         b = tf.random.normal((n, n))
         return {"gflops": _matmul_gflops(lambda: tf.matmul(a, b).numpy(), n)}
-    import vicreg_tf
     from vicreg_tf import backbones
 
     h, w, c = NETWORKS[task["network"]]
@@ -187,12 +186,14 @@ def _ask(library: str, task: dict, peer_python: Path) -> dict:
 def markdown(payload: dict) -> str:
     peak = payload["matmul_peak_gflops"]
     m = payload["matmul"]
-    text = [f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores; date {payload['machine']['date']}. "
+    machine = payload["machine"]
+    text = [f"Machine: {machine['cpu']}, {machine['cores']} cores; date {machine['date']}. "
             f"Peak reference: float32 {payload['matmul_n']}x{payload['matmul_n']} matmul, median GFLOP/s over "
             f"{payload['reps']} alternating runs: TensorFlow {statistics.median(m['tf']):.1f}, PyTorch "
             f"{statistics.median(m['torch']):.1f} (reference {peak:.1f}; the paper peak, cores x clock x 32 FLOP/cycle "
-            f"for AVX2 with two FMA pipes, would be {_format_peak(payload.get('theoretical_gflops'))}). FLOPs counted from the step's XLA HLO "
-            "(vicreg-tf) and with torch FlopCounterMode (PyTorch): convolutions and matmuls only, forward + backward.\n"]
+            f"for AVX2 with two FMA pipes, would be {_format_peak(payload.get('theoretical_gflops'))}). "
+            "FLOPs counted from the step's XLA HLO (vicreg-tf) and with torch FlopCounterMode (PyTorch): "
+            "convolutions and matmuls only, forward + backward.\n"]
     rows = []
     for network, r in payload["networks"].items():
         for variant, v in r["variants"].items():
@@ -201,7 +202,8 @@ def markdown(payload: dict) -> str:
             gflops = v["gflop"] / v["step_s"]
             rows.append([network, LABELS.get(variant, variant), f"{v['gflop']:.1f}", f"{1000 * v['step_s']:.0f}",
                          f"{gflops:.1f}", f"{100 * gflops / peak:.0f}%"])
-    text.append(md_table(["network", "implementation", "GFLOP / step", "step ms", "achieved GFLOP/s", "of matmul peak"], rows))
+    header = ["network", "implementation", "GFLOP / step", "step ms", "achieved GFLOP/s", "of matmul peak"]
+    text.append(md_table(header, rows))
     return "\n".join(text)
 
 

@@ -52,7 +52,7 @@ def one_gpu_training_run(workdir: Path) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=REPO)
     lines = result.stdout.splitlines()
     return {"part": "one-GPU vicreg-train, tiny config, 200 steps, auto", "rc": result.returncode,
-            "first_line": next((l for l in lines if l.startswith("devices:")), ""),
+            "first_line": next((line for line in lines if line.startswith("devices:")), ""),
             "wall_s": round(time.perf_counter() - start, 1), "stderr_tail": result.stderr[-400:]}
 
 

@@ -50,7 +50,8 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), _bn2d(cout), nn.ReLU(inplace=True)]
 
 
-def small_cnn(in_channels: int = 1, widths=(32, 64, 128), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD) -> nn.Sequential:
+def small_cnn(in_channels: int = 1, widths=(32, 64, 128), mean=FASHION_MNIST_MEAN,
+              std=FASHION_MNIST_STD) -> nn.Sequential:
     """vicreg_tf.backbones.small_cnn: stages of two 3x3 Conv-BN-ReLU, max-pool between, GAP."""
     layers: list[nn.Module] = [Normalize(mean, std)]
     cin = in_channels
@@ -271,8 +272,10 @@ def random_resized_crop(x, area, aspect, generator, attempts: int = 10):
     any_fits = fits.any(dim=1)
     cw = torch.where(any_fits, cw, torch.full_like(cw, float(w)))  # square images: fallback is the full image
     ch = torch.where(any_fits, ch, torch.full_like(ch, float(h)))
-    top = torch.where(any_fits, torch.floor(torch.rand(n, generator=generator) * (h - ch + 1)), torch.floor((h - ch) / 2))
-    left = torch.where(any_fits, torch.floor(torch.rand(n, generator=generator) * (w - cw + 1)), torch.floor((w - cw) / 2))
+    top = torch.where(any_fits, torch.floor(torch.rand(n, generator=generator) * (h - ch + 1)),
+                      torch.floor((h - ch) / 2))
+    left = torch.where(any_fits, torch.floor(torch.rand(n, generator=generator) * (w - cw + 1)),
+                       torch.floor((w - cw) / 2))
     # pixel-centre coordinates -> [-1, 1] with align_corners=True
     x0, x1 = 2 * left / (w - 1) - 1, 2 * (left + cw - 1) / (w - 1) - 1
     y0, y1 = 2 * top / (h - 1) - 1, 2 * (top + ch - 1) / (h - 1) - 1

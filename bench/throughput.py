@@ -17,7 +17,6 @@ the ratio to the PyTorch peer measured in the same script.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -93,7 +92,8 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
@@ -166,11 +166,11 @@ def _serve(step, components, profile=None) -> None:
 
 
 def _tf_worker(spec: dict) -> None:
-    import vicreg_tf  # first, as users do (each variant sets TF_ENABLE_ONEDNN_OPTS itself)
     import keras
     import numpy as np
     import tensorflow as tf
 
+    import vicreg_tf  # first, as users do (each variant sets TF_ENABLE_ONEDNN_OPTS itself)
     from vicreg_tf import backbones
 
     if spec.get("mixed_precision"):
@@ -364,8 +364,10 @@ def _ratio_text(r: dict, peer: dict) -> str:
 
 
 def markdown(payload: dict) -> str:
-    payload["loads"] = [l for vs in payload["results"].values() for r in vs.values() for l in r.get("load_avg_1min", []) if l]
-    out = [f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores; date {payload['machine']['date']}; "
+    payload["loads"] = [item for vs in payload["results"].values() for r in vs.values()
+                        for item in r.get("load_avg_1min", []) if item]
+    machine = payload["machine"]
+    out = [f"Machine: {machine['cpu']}, {machine['cores']} cores; date {machine['date']}; "
            f"batch {payload['batch']} (two views each), expander {payload['expander']}, "
            f"{{warmup}} warm-up + {{steps}} timed steps x {payload['reps']} alternating repetitions; "
            f"images/s = batch / step time, median of repetitions. "
@@ -373,22 +375,28 @@ def markdown(payload: dict) -> str:
            f"{min(payload['loads'] or [0]):.1f}-{max(payload['loads'] or [0]):.1f}.\n"]
     out[0] = out[0].replace("{steps}", "/".join(str(s) for s in payload["steps"].values()) + " (per network)")
     warm = payload["warmup"]
-    out[0] = out[0].replace("{warmup}", "/".join(str(s) for s in warm.values()) if isinstance(warm, dict) else str(warm))
+    warm_text = "/".join(str(s) for s in warm.values()) if isinstance(warm, dict) else str(warm)
+    out[0] = out[0].replace("{warmup}", warm_text)
     rows = []
     device = payload["machine"].get("device", payload["machine"]["cpu"])
     for network, variants in payload["results"].items():
-        peers = {k: v["images_per_s_median"] for k, v in variants.items() if k.startswith("torch") and "images_per_s_median" in v}
+        peers = {k: v["images_per_s_median"] for k, v in variants.items()
+                 if k.startswith("torch") and "images_per_s_median" in v}
         for variant, r in variants.items():
             if "images_per_s_median" not in r:
                 rows.append([network, device, LABELS[variant], r.get("error", "n/a"), "", "", "", ""])
                 continue
             reps = r["images_per_s_reps"]
-            ratio = lambda peer: _ratio_text(r, variants.get(peer)) if peer in peers else "-"
+
+            def ratio(peer, r=r, variants=variants, peers=peers):
+                return _ratio_text(r, variants.get(peer)) if peer in peers else "-"
+
             label = LABELS[variant] + (" (probe: 2 steps, once)" if r.get("probe") else "")
             rows.append([network, device, label, f"{r['images_per_s_median']:.1f}",
                          f"{min(reps):.1f}-{max(reps):.1f}", f"{r['step_ms_median']:.0f}",
                          ratio("torch_lightly"), ratio("torch_official")])
-    out.append(md_table(["network", "device", "implementation", "images/s (median)", "range", "step ms", "vs torch+lightly", "vs torch+official"], rows))
+    out.append(md_table(["network", "device", "implementation", "images/s (median)", "range", "step ms",
+                         "vs torch+lightly", "vs torch+official"], rows))
     out.append("Ratios: of the medians, and (in brackets) the median of per-repetition ratios.\n")
     comps = payload.get("components", {})
     if comps:
@@ -401,7 +409,8 @@ def markdown(payload: dict) -> str:
                 fwd, fb = 1000 * statistics.median(c["forward"]), 1000 * statistics.median(c["forward_backward"])
                 crow.append([network, LABELS[variant], f"{fwd:.0f}", f"{fb:.0f}", f"{fb - fwd:.0f}",
                              f"{step_ms:.0f}" if step_ms else "-", f"{step_ms - fb:.0f}" if step_ms else "-"])
-        out.append(md_table(["network", "implementation", "forward ms", "fwd+loss+bwd ms", "loss+bwd ms", "step ms", "optimizer+overhead ms"], crow))
+        out.append(md_table(["network", "implementation", "forward ms", "fwd+loss+bwd ms", "loss+bwd ms", "step ms",
+                             "optimizer+overhead ms"], crow))
     prof = payload.get("profile", {})
     if prof:
         out.append("\nWhere vicreg-tf's step time goes (tf.profiler, op time summed per category, ms per step; "
@@ -424,18 +433,21 @@ def run(args) -> dict:
         print(f"note: {args.peer_python} missing, PyTorch peers skipped (see bench/requirements-peer.txt)")
         variants = [v for v in variants if VARIANTS[v][0] != "torch"]
     networks = [n for n in args.networks.split(",") if n]
-    resnet = lambda n: n == "resnet18_cifar"
+    def resnet(n):
+        return n == "resnet18_cifar"
+
     steps = {n: (args.resnet_steps if resnet(n) and args.resnet_steps else args.steps) for n in networks}
     warmups = {n: (args.resnet_warmup if resnet(n) and args.resnet_warmup else args.warmup) for n in networks}
-    network_variants = {n: ([v for v in args.resnet_variants.split(",") if v in variants] if resnet(n) and args.resnet_variants
-                            else variants) for n in networks}
+    resnet_variants = [v for v in args.resnet_variants.split(",") if v in variants]
+    network_variants = {n: (resnet_variants if resnet(n) and args.resnet_variants else variants) for n in networks}
     payload = {"machine": machine(), "batch": args.batch, "expander": args.expander, "warmup": warmups,
                "steps": steps, "reps": args.reps, "variants": network_variants, "results": {}, "components": {},
                "workers": {}, "commands": ["python -m bench.throughput " + " ".join(args.argv)]}
     previous = RESULTS / f"{args.out}.json"
     if previous.exists():  # keep other networks' rows from an earlier run with the same batch and expander
         old = json.loads(previous.read_text())
-        if (old.get("batch"), old.get("expander")) == (args.batch, args.expander) and isinstance(old.get("warmup"), dict):
+        same_setup = (old.get("batch"), old.get("expander")) == (args.batch, args.expander)
+        if same_setup and isinstance(old.get("warmup"), dict):
             for key in ("results", "components", "profile", "workers"):
                 kept = {k: v for k, v in old.get(key, {}).items() if k.split("/")[0] not in networks}
                 payload.setdefault(key, {}).update(kept)
@@ -479,7 +491,8 @@ def run(args) -> dict:
                 write_results(args.out, payload, markdown(payload))
             if args.profile and network in args.components_networks.split(","):
                 for v in [v for v in order if v in ("tf", "tf_eigen")]:
-                    payload.setdefault("profile", {}).setdefault(network, {})[v] = workers[v].ask(f"profile {args.profile}")
+                    profile = workers[v].ask(f"profile {args.profile}")
+                    payload.setdefault("profile", {}).setdefault(network, {})[v] = profile
                     write_results(args.out, payload, markdown(payload))
             if args.components and network in args.components_networks.split(","):
                 comps = payload["components"].setdefault(network, {})
@@ -503,7 +516,8 @@ def _bf16_probe(payload: dict, network: str, args, log_dir: Path) -> None:
         out = worker.ask("run 2")
         out["load_before"] = out["load_after"] = os.getloadavg()[0]
         payload["results"][network]["tf_bf16"] = dict(_summary([out], args.batch), probe=True)
-        print(f"  {network} tf_bf16 probe: {payload['results'][network]['tf_bf16']['images_per_s_median']:.1f} images/s", flush=True)
+        probe = payload["results"][network]["tf_bf16"]["images_per_s_median"]
+        print(f"  {network} tf_bf16 probe: {probe:.1f} images/s", flush=True)
     except RuntimeError as error:
         payload["results"][network]["tf_bf16"] = {"error": f"failed: {error}"}
     finally:
@@ -518,19 +532,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="tf,torch_lightly,tf_eigen,tf_keras_bn,tf_xla,torch_official",
                         help="timed alternately; tf_bf16 is also a variant (slow on CPUs without bf16 units)")
     parser.add_argument("--bf16-probe", default="small_cnn",
-                        help="networks where mixed_bfloat16 gets a short probe (1 warm-up + 2 steps, once); '' for none")
+                        help="networks where mixed_bfloat16 gets a short probe (1 warm-up + 2 steps, once); "
+                             "'' for none")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--expander", default="2048-2048-2048")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per child (tracing, XLA compile)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repetition")
-    parser.add_argument("--resnet-steps", type=int, default=1, help="timed steps per repetition for resnet18_cifar (0: --steps)")
+    parser.add_argument("--resnet-steps", type=int, default=1,
+                        help="timed steps per repetition for resnet18_cifar (0: --steps)")
     parser.add_argument("--resnet-warmup", type=int, default=2, help="warm-up steps for resnet18_cifar (0: --warmup)")
-    parser.add_argument("--resnet-variants", default="tf,torch_lightly,tf_eigen,tf_xla", help="variants for resnet18_cifar ('': --variants)")
+    parser.add_argument("--resnet-variants", default="tf,torch_lightly,tf_eigen,tf_xla",
+                        help="variants for resnet18_cifar ('': --variants)")
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions")
     parser.add_argument("--components", type=int, default=2, help="calls for the forward / backward breakdown (0: off)")
     parser.add_argument("--components-networks", default="small_cnn", help="networks that get the breakdown")
     parser.add_argument("--peer-python", default=str(PEER_PYTHON))
-    parser.add_argument("--profile", type=int, default=2, help="steps of tf.profiler op breakdown for the TF variants (0: off)")
+    parser.add_argument("--profile", type=int, default=2,
+                        help="steps of tf.profiler op breakdown for the TF variants (0: off)")
     parser.add_argument("--out", default="throughput", help="name of the result files in bench/results")
     parser.add_argument("--render", action="store_true", help="rewrite OUT.md from OUT.json")
     args = parser.parse_args(argv)

@@ -28,11 +28,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vicreg_tf import data  # noqa: E402  first: it decides TensorFlow's oneDNN default
-from vicreg_tf.transfer import load_backbone, set_trainable  # noqa: E402
-
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+from vicreg_tf import data  # noqa: E402  first: it decides TensorFlow's oneDNN default
+from vicreg_tf.transfer import load_backbone, set_trainable  # noqa: E402
 
 
 def fashion_mnist(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20, help="epochs for the classifier head")
     parser.add_argument("--head_learning_rate", type=float, default=1e-2)
     parser.add_argument("--fine_tune_learning_rate", type=float, default=1e-4)
-    parser.add_argument("--fine_tune_epochs", type=int, default=1, help="then epochs with the backbone unfrozen (0: skip)")
+    parser.add_argument("--fine_tune_epochs", type=int, default=1,
+                        help="then epochs with the backbone unfrozen (0: skip)")
     parser.add_argument("--train_size", type=int, default=60000, help="use the first N training images")
     parser.add_argument("--batch_size", type=int, default=256)
     args = parser.parse_args(argv)

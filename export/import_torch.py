@@ -22,10 +22,12 @@ _ARCHS = ("resnet50", "resnet50x2", "resnet50x4", "resnet101", "resnet200x2")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vicreg-import",
-        description="Convert an official VICReg PyTorch checkpoint (.pth) into a Keras backbone and a TF Serving export.",
+        description="Convert an official VICReg PyTorch checkpoint (.pth) into a Keras backbone and a TF Serving "
+                    "export.",
     )
     parser.add_argument("--checkpoint", required=True, help="the .pth file (e.g. resnet50.pth from the VICReg repo)")
-    parser.add_argument("--arch", default="resnet50", choices=_ARCHS, help="the checkpoint's network (default: resnet50)")
+    parser.add_argument("--arch", default="resnet50", choices=_ARCHS,
+                        help="the checkpoint's network (default: resnet50)")
     parser.add_argument("--out", required=True, help="output directory: backbone.keras and export/")
     parser.add_argument("--name", default=None, help="model name in the export (default: the arch)")
     parser.add_argument("--image_size", type=int, default=224, help="the model's input height and width (default: 224)")
@@ -54,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     from vicreg_tf._startup import quiet_tensorflow_startup
 
     with quiet_tensorflow_startup():
-        import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
         import tensorflow  # noqa: F401
+
+        import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
     from vicreg_tf.atomic_io import save_keras_file
     from vicreg_tf.serving import export_for_serving
     from vicreg_tf.transfer import from_torch_checkpoint

@@ -70,7 +70,9 @@ def check_round_trip(make_model, tmp_path):
     model.save(path)
     reloaded = keras.saving.load_model(path)
     assert type(reloaded) is type(model)
-    normal = lambda config: json.loads(json.dumps(config, default=str))  # tuples come back as lists
+    def normal(config):  # tuples come back as lists
+        return json.loads(json.dumps(config, default=str))
+
     assert normal(reloaded.get_config()) == normal(model.get_config())
     x = _views()[0]
     np.testing.assert_allclose(reloaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-6)
@@ -97,7 +99,8 @@ def check_nan_guard(make_model):
     model = make_model(_backbone())
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
     model.fit(_data(), epochs=1, verbose=0)
-    before = [w.numpy().copy() for w in model.weights] + [np.asarray(v.numpy()).copy() for v in model.optimizer.variables]
+    before = [w.numpy().copy() for w in model.weights]
+    before += [np.asarray(v.numpy()).copy() for v in model.optimizer.variables]
     view_a, view_b = _views(1)
     view_a[0, 2, 2, 0] = np.nan
     try:

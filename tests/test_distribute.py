@@ -7,7 +7,7 @@ import tensorflow as tf
 import vicreg_tf
 import vicreg_tf.base as base_module
 import vicreg_tf.model as model_module
-from vicreg_tf import gather_replicas, VICReg
+from vicreg_tf import VICReg, gather_replicas
 
 GLOBAL_BATCH = 16
 
@@ -163,7 +163,8 @@ def test_mixed_float16_inf_on_one_replica_skips_the_step_on_every_replica(two_cp
         for a, b in zip(replicas_before, replicas_after):  # every replica, BN statistics included
             np.testing.assert_array_equal(a, b)
     assert int(scaler.iterations.numpy()) == 0
-    assert [float(s) for s in two_cpu_strategy.experimental_local_results(scaler.dynamic_scale.value)] == [scale / 2] * 2
+    scales = two_cpu_strategy.experimental_local_results(scaler.dynamic_scale.value)
+    assert [float(s) for s in scales] == [scale / 2] * 2
 
     poison.assign(0.0)  # clean steps: once the scale is low enough for float16, applied on both replicas
     seen = []

@@ -160,7 +160,7 @@ def test_knn_monitor_logs_every_n_epochs_and_after_the_last(rng):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
     monitor = evaluation.KNNMonitor(labelled, labelled, every=2, k=3)
-    history = model.fit(x, y.astype(np.float32), epochs=3, verbose=0, callbacks=[monitor])
+    model.fit(x, y.astype(np.float32), epochs=3, verbose=0, callbacks=[monitor])
     assert [epoch for epoch, _ in monitor.history] == [2, 3]
     assert all(0.0 <= accuracy <= 1.0 for _, accuracy in monitor.history)
 

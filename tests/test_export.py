@@ -6,7 +6,6 @@ fresh process, and the warmup records parsed as PredictionLog.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -19,15 +18,15 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import run_python
 from google.protobuf import text_format
+from serving_standins import make_test_backbone
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from conftest import run_python
-from serving_standins import make_test_backbone
+from export.export import main as export_main
 from vicreg_tf import serving
 from vicreg_tf.transfer import load_backbone
-from export.export import main as export_main
 
 NAME = "fmnist"
 H, W, C, F = 28, 28, 1, 16

@@ -17,9 +17,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, run_python
+
 from vicreg_tf import gpu_emulation as emulation
+
 
 def pytest_generate_tests(metafunc):
     if "cell" in metafunc.fixturenames:
@@ -136,7 +137,8 @@ try:
     model.fit(tf.data.Dataset.from_tensors((x, x)).repeat(), steps_per_epoch=2, verbose=0)
     print("RESULT ran")
 except Exception as error:
-    print("RESULT", type(error).__name__, " | ".join(l for l in str(error).splitlines() if "merge_call" in l or "ollective" in l)[:600])
+    lines = [text for text in str(error).splitlines() if "merge_call" in text or "ollective" in text]
+    print("RESULT", type(error).__name__, " | ".join(lines)[:600])
 import os, sys
 sys.stdout.flush()
 os._exit(0)
@@ -146,7 +148,7 @@ os._exit(0)
 def test_one_gpu_under_mirrored_with_xla_traces_without_merge_call_in_a_cond():
     """The issue's reproduction: before the fix, `RuntimeError: merge_call called while defining a new graph`."""
     result = run_python(["-c", REPRODUCTION], timeout=180)
-    line = next((l for l in result.stdout.splitlines() if l.startswith("RESULT")), result.stderr[-2000:])
+    line = next((text for text in result.stdout.splitlines() if text.startswith("RESULT")), result.stderr[-2000:])
     assert "merge_call" not in line, line
     # The step traced; on a CPU, XLA then stops at the collective, as it does for a plain Keras model.
     assert "Only compiling NCCL/auto collective is supported" in line, line

@@ -1,8 +1,8 @@
 """Every method of the family through one battery (tests/method_checks.py): a new method is one entry here."""
 import pytest
+from method_checks import CHECKS, run_method_checks
 
 import vicreg_tf
-from method_checks import CHECKS, run_method_checks
 
 MAKERS = {
     "vicreg": lambda backbone: vicreg_tf.VICReg(backbone, projector="16-16"),

@@ -25,7 +25,9 @@ def _cluster_views(n=256, dim=16, clusters=8, noise=0.3, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(clusters, dim)) * 2.0
     base = centres[rng.integers(clusters, size=n)]
-    view = lambda: (base + noise * rng.normal(size=base.shape)).astype(np.float32)
+    def view():
+        return (base + noise * rng.normal(size=base.shape)).astype(np.float32)
+
     return view(), view()
 
 
@@ -44,8 +46,8 @@ def test_call_returns_backbone_features():
 def test_projector_is_built_from_the_spec():
     model = VICReg(_mlp(), projector="64-64-48")
     assert model.projector.built
-    dense = [l for l in model.projector.layers if isinstance(l, keras.layers.Dense)]
-    assert [l.units for l in dense] == [64, 64, 48]
+    dense = [layer for layer in model.projector.layers if isinstance(layer, keras.layers.Dense)]
+    assert [layer.units for layer in dense] == [64, 64, 48]
     assert not dense[-1].use_bias  # last layer linear, no bias, as in the paper
 
 
@@ -110,8 +112,8 @@ def test_keras_round_trip_gives_identical_embeddings_and_resumes(tmp_path):
 
 def test_backbone_batchnorm_is_synchronized():
     model = VICReg(_mlp(), projector="16-16")
-    bns = [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
-    assert bns and all(l.synchronized for l in bns)
+    bns = [layer for layer in model.backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and all(bn.synchronized for bn in bns)
 
 
 def _batchnorm_op_types(model, input_shape, strategy=None):

@@ -13,9 +13,9 @@ def test_spec_parses_into_widths():
 
 def test_blocks_are_dense_bn_relu_and_a_linear_last_layer():
     expander = build_projector("16-16-8")
-    kinds = [type(l).__name__ for l in expander.layers]
+    kinds = [type(layer).__name__ for layer in expander.layers]
     assert kinds == ["Dense", "BatchNormalization", "ReLU"] * 2 + ["Dense"]
-    assert all(l.synchronized for l in expander.layers if isinstance(l, keras.layers.BatchNormalization))
+    assert all(layer.synchronized for layer in expander.layers if isinstance(layer, keras.layers.BatchNormalization))
     out = expander(np.ones((4, 5), np.float32))
     assert out.shape == (4, 8)
 

@@ -3,14 +3,14 @@ import re
 
 import keras
 import numpy as np
-
 from conftest import REPO
 
 
 def test_readme_keras_snippet_trains_saves_and_exports(tmp_path, monkeypatch):
     text = (REPO / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    short = snippet.replace("model.fit(pairs, epochs=5, steps_per_epoch=234)", "model.fit(pairs, epochs=1, steps_per_epoch=2)")
+    short = snippet.replace("model.fit(pairs, epochs=5, steps_per_epoch=234)",
+                            "model.fit(pairs, epochs=1, steps_per_epoch=2)")
     assert short != snippet, "the README's fit call changed: update this test"
     monkeypatch.chdir(tmp_path)
     namespace = {}
@@ -43,10 +43,10 @@ def test_readme_serving_recipe_matches_the_export_and_the_container(tmp_path, mo
 
     import tensorflow as tf
     from google.protobuf import text_format
+    from serving_standins import make_test_backbone
     from tensorflow_serving.config import model_server_config_pb2
 
     from export.export import main as export_main
-    from serving_standins import make_test_backbone
 
     commands = _serving_commands()
     export_args = dict(a[2:].split("=", 1) for a in commands["vicreg-export"][1:])

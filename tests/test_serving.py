@@ -12,8 +12,8 @@ import socket
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from serving_standins import GrpcPredictionServiceStandIn, RestStandIn, make_test_backbone
+
 from vicreg_tf import serving
 from vicreg_tf.serving_client import GrpcClient, RestClient, ServingError
 
@@ -202,7 +202,8 @@ def test_client_rejects_malformed_images_before_sending(make_client, bad, error,
 
 @pytest.mark.parametrize(
     "bad, error, message",
-    [(b"one image", TypeError, "list of encoded images"), ([], ValueError, "empty"), (["x.png"], TypeError, r"\[0\].*str")],
+    [(b"one image", TypeError, "list of encoded images"), ([], ValueError, "empty"),
+     (["x.png"], TypeError, r"\[0\].*str")],
 )
 def test_client_rejects_malformed_bytes_before_sending(make_client, bad, error, message):
     with pytest.raises(error, match=message):

@@ -19,13 +19,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 import torch  # the test extra installs it: pip install -e ".[test]"
-
 import torch_resnet
-import vicreg_tf
 from conftest import run_python
 from test_export import _parse_saved_model_cli, _read_warmup
+
+import vicreg_tf
 from vicreg_tf import backbones, serving
 from vicreg_tf.torch_import import ARCHS
 from vicreg_tf.transfer import from_torch_checkpoint
@@ -116,7 +115,8 @@ def test_layer_names_follow_the_torch_modules():
 # --------------------------------------------------------------------------- checkpoint layouts
 
 
-def test_module_backbone_prefix_is_stripped_and_the_expander_ignored(resnet50_file, converted_small, tmp_path, small_images):
+def test_module_backbone_prefix_is_stripped_and_the_expander_ignored(resnet50_file, converted_small, tmp_path,
+                                                                    small_images):
     state = {f"module.backbone.{k}": v for k, v in resnet50_file.state.items()}
     state["module.projector.0.weight"] = torch.zeros(8, 2048)  # a full training checkpoint's expander
     path = _save({"epoch": 3, "model": state, "optimizer": {"state": {}}}, tmp_path / "checkpoint.pth")

@@ -43,24 +43,37 @@ _LAZY = (_os.path.basename(_PROGRAM) in _CONSOLE_SCRIPTS or _PROGRAM.endswith(_P
          or (_PROGRAM == "-m" and (_MODULE.replace(".", "/") + ".py").endswith(_PROGRAMS)))
 
 if not _LAZY:
+    from vicreg_tf import (
+        augment,
+        backbones,
+        data,
+        evaluation,
+        kerascv_pipeline,
+        methods,
+        serving,
+        serving_client,
+        transfer,
+    )
+    from vicreg_tf.augment import TwoViews, grayscale_views, paper_views
+    from vicreg_tf.data import view_pairs
     from vicreg_tf.distribute import gather_replicas, num_replicas
-    from vicreg_tf.losses import covariance_loss, invariance_loss, variance_loss, vicreg_loss
+    from vicreg_tf.guard import StopOnNonFiniteLoss
+    from vicreg_tf.kerascv_pipeline import kerascv_views
     from vicreg_tf.losses import (
         VarianceCovarianceRegularizer,
+        covariance_loss,
+        invariance_loss,
         logdet_entropy,
         negative_cosine_similarity,
         pairwise_entropy,
         variance_covariance_regularizer,
+        variance_loss,
+        vicreg_loss,
     )
-    from vicreg_tf.guard import StopOnNonFiniteLoss
-    from vicreg_tf.model import VICReg
     from vicreg_tf.methods import BYOL, EntropyVICReg, SimSiam
+    from vicreg_tf.model import VICReg
     from vicreg_tf.optimizers import LARS, scaled_learning_rate, warmup_cosine
     from vicreg_tf.projector import build_projector, parse_projector_spec
-    from vicreg_tf import augment, backbones, data, evaluation, kerascv_pipeline, methods, serving, serving_client, transfer
-    from vicreg_tf.augment import TwoViews, grayscale_views, paper_views
-    from vicreg_tf.kerascv_pipeline import kerascv_views
-    from vicreg_tf.data import view_pairs
     from vicreg_tf.serving import export_for_serving
     from vicreg_tf.transfer import load_backbone, set_trainable
 

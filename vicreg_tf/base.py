@@ -318,9 +318,10 @@ class BaseMethod(keras.Model):
                 with self.distribute_strategy.scope():
                     self.optimizer.build(self.trainable_variables)
         elif tf.distribute.has_strategy():
+            strategy = type(tf.distribute.get_strategy()).__name__
             raise ValueError(
-                f"{type(self).__name__} cannot build its expander before training under {type(tf.distribute.get_strategy()).__name__}: "
-                "the backbone declares no input shape; give it a keras.Input or call backbone.build(input_shape) first")
+                f"{type(self).__name__} cannot build its expander before training under {strategy}: the backbone "
+                "declares no input shape; give it a keras.Input or call backbone.build(input_shape) first")
 
     # -- entry checks and XLA ----------------------------------------------------------------
 

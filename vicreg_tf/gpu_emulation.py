@@ -32,8 +32,13 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.distribute import collective_all_reduce_strategy, collective_util, cross_device_ops
-from tensorflow.python.distribute import cross_device_utils, mirrored_strategy
+from tensorflow.python.distribute import (
+    collective_all_reduce_strategy,
+    collective_util,
+    cross_device_ops,
+    cross_device_utils,
+    mirrored_strategy,
+)
 from tensorflow.python.framework import ops
 from tensorflow.python.ops import control_flow_util
 
@@ -253,7 +258,7 @@ def _run_cell(cell, strategy, augment):
         history = model.fit(_batches(views, device, 2, seed=1), epochs=1, steps_per_epoch=2, verbose=0).history
     except Exception as error:  # noqa: BLE001  anything but XLA's CPU collective error fails the cell
         if cell.xla and is_xla_cpu_collective_error(error):
-            line = next(l for l in str(error).splitlines() if any(t in l for t in _XLA_CPU_COLLECTIVE_ERRORS))
+            line = next(text for text in str(error).splitlines() if any(t in text for t in _XLA_CPU_COLLECTIVE_ERRORS))
             return {"status": "traced", "error": line.strip()[:200]}
         raise
     losses = history["loss"]

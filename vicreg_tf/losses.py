@@ -364,13 +364,12 @@ def entropy_loss(
     d = z_a.shape[-1]
     if d is None:
         raise ValueError("entropy_loss needs a known embedding width D")
-    if entropy == "logdet":
-        estimate = lambda z: logdet_entropy(z, beta)
-        default_weight = 25.0 / d
-    else:
-        width = kernel_width if kernel_width is not None else d ** 0.5
-        estimate = lambda z: pairwise_entropy(z, width)
-        default_weight = 25.0
+    width = kernel_width if kernel_width is not None else d ** 0.5
+
+    def estimate(z):
+        return logdet_entropy(z, beta) if entropy == "logdet" else pairwise_entropy(z, width)
+
+    default_weight = 25.0 / d if entropy == "logdet" else 25.0
     weight = default_weight if entropy_weight is None else entropy_weight
     invariance = invariance_loss(z_a, z_b)
     value = 0.5 * (estimate(z_a) + estimate(z_b))

@@ -272,7 +272,9 @@ class BYOL(_Predicting):
         return 1.0 - byol_target_decay(step, self.total_steps, self.tau_base)
 
     def targets(self, view_a, view_b, z_a, z_b, training: bool):
-        embed = lambda x: self.target_projector(self.target_backbone(x, training=training), training=training)
+        def embed(x):
+            return self.target_projector(self.target_backbone(x, training=training), training=training)
+
         return tf.stop_gradient(embed(view_a)), tf.stop_gradient(embed(view_b))
 
     def compute_terms(self, view_a, view_b, training: bool = False) -> dict[str, tf.Tensor]:

@@ -29,6 +29,7 @@ from vicreg_tf.serving import (
     SERVING_DEFAULT,
 )
 
+
 class ServingError(RuntimeError):
     """A request to TF Serving failed: the server is unreachable, the model unknown, or the input bad.
 
