@@ -112,6 +112,43 @@ def test_every_file_the_architecture_page_names_exists():
     assert missing == []
 
 
+def _registries() -> dict:
+    """config key -> its name -> builder dict (the only place a value of the key is looked up)."""
+    from trainers import build
+    from vicreg_tf import augment, backbones, methods
+
+    return {"data.source": build.SOURCES, "views.preset": augment.PRESETS, "model.method": methods.METHODS,
+            "model.backbone": backbones.BACKBONES, "optimizer.name": build.OPTIMIZERS}
+
+
+def test_sources_presets_methods_backbones_optimizers_are_dicts_of_builders_the_configs_name():
+    import importlib
+
+    registries = _registries()
+    for key, registry in registries.items():
+        assert isinstance(registry, dict) and registry, key
+        assert all(isinstance(name, str) and callable(build) for name, build in registry.items()), key
+    for path in sorted((REPO / "configs").glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        config = importlib.import_module(f"configs.{path.stem}").get_config()
+        for key, registry in registries.items():
+            section, field = key.split(".")
+            assert config[section][field] in registry, (path.stem, key, config[section][field])
+    # "Where to add" names each registry, so a new source or preset is its module, its entry and a config.
+    where_to_add = (REPO / "docs" / "ARCHITECTURE.md").read_text().split("## Where to add", 1)[1]
+    for name in ("SOURCES", "PRESETS", "METHODS", "BACKBONES", "OPTIMIZERS"):
+        assert f"`{name}`" in where_to_add, name
+
+
+def test_trainers_look_names_up_in_the_registries_and_nowhere_else():
+    # No if/elif over the names beside a registry: build.py compares no config value with a registered name.
+    text = (REPO / "trainers" / "build.py").read_text()
+    for key, registry in _registries().items():
+        for name in registry:
+            assert f'== "{name}"' not in text and f"== '{name}'" not in text, (key, name)
+
+
 def test_onednn_default_is_decided_in_one_place():
     setters = []
     for folder in ("vicreg_tf", "trainers", "export", "configs", "bench", "tests", "examples"):
