@@ -276,9 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="train on the first N training images (0: all 60000)")
     parser.add_argument("--only", default=",".join(STAGES), help="rows to compute, from " + ",".join(STAGES))
     parser.add_argument("--probe-epochs", type=int, default=30)
-    parser.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N train and test images (0: all; for smoke tests)")
+    parser.add_argument("--eval-limit", type=int, default=0,
+                        help="evaluate on the first N train and test images (0: all; for smoke tests)")
     parser.add_argument("--jobs", type=int, default=1, help="rows trained at once (1: one after another)")
-    parser.add_argument("--seed", type=int, default=RECIPE["seed"], help="seed of the trained rows (weights, views, order)")
+    parser.add_argument("--seed", type=int, default=RECIPE["seed"],
+                        help="seed of the trained rows (weights, views, order)")
     parser.add_argument("--out", default="quality", help="name of the result files in bench/results")
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--peer-python", default=str(PEER_PYTHON))
@@ -296,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_limit:
         x_train, y_train = x_train[: args.eval_limit], y_train[: args.eval_limit]
         x_test, y_test = x_test[: args.eval_limit], y_test[: args.eval_limit]
-    payload = {"machine": machine(), "epochs": args.epochs, "train_images": args.limit or 60000, "eval_limit": args.eval_limit,
+    payload = {"machine": machine(), "epochs": args.epochs, "train_images": args.limit or 60000,
+               "eval_limit": args.eval_limit,
                "probe_epochs": args.probe_epochs, "recipe": RECIPE, "seed": args.seed, "rows": {}, "jobs": args.jobs,
                "command": "python -m bench.quality " + " ".join(argv)}
     previous = RESULTS / f"{args.out}.json"

@@ -130,7 +130,8 @@ def markdown(payload: dict) -> str:
     lines = [f"Machine: {payload['cpu']}, {payload['cores']} cores; {payload['date']}. Paper views at 224x224, "
              f"global batch 32, {payload['steps']} timed batches after the first; JPEGs 320-500 x 240-400 px. "
              "`python -m bench.streaming`.", "",
-             "| row | photos | first batch (s) | view pairs/s per core | images decoded per global batch | peak RSS (MB) |",
+             "| row | photos | first batch (s) | view pairs/s per core | images decoded per global batch "
+             "| peak RSS (MB) |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in payload["rows"]:
         if "error" in row:
@@ -140,7 +141,8 @@ def markdown(payload: dict) -> str:
             lines.append(f"| trainer (vicreg-train, 2 steps) | {row['photos']} | | | | {row['peak_rss_mb']:.0f} |")
             continue
         lines.append(f"| {row['row']} | {row['photos']} | {row['first_batch_s']:.1f} | "
-                     f"{row['pairs_per_s'] / payload['cores']:.1f} | {row['rows_per_batch']} | {row['peak_rss_mb']:.0f} |")
+                     f"{row['pairs_per_s'] / payload['cores']:.1f} | {row['rows_per_batch']} | "
+                     f"{row['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -243,7 +243,8 @@ def test_from_folder_all_unreadable_raises_when_validated(tmp_path):
 
 @pytest.mark.parametrize("size", [0, -2, (8, 0), (8,), "8"])
 def test_from_folder_bad_image_size_raises(tmp_path, size):
-    with pytest.raises(ValueError, match=r"image_size must be .* got " + repr(size).replace("(", r"\(").replace(")", r"\)")):
+    escaped = repr(size).replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(ValueError, match=r"image_size must be .* got " + escaped):
         data.from_folder(tmp_path, size)
 
 
@@ -372,6 +373,7 @@ def test_view_pairs_shuffles_every_pass_and_batches_across_them():
 
 
 def test_eval_batches_keep_remainder_and_labels():
-    sizes = [(int(images.shape[0]), labels.numpy().tolist()) for images, labels in data.eval_batches(_toy_images(10), 4)]
+    batches = data.eval_batches(_toy_images(10), 4)
+    sizes = [(int(images.shape[0]), labels.numpy().tolist()) for images, labels in batches]
     assert [n for n, _ in sizes] == [4, 4, 2]
     assert sum((labels for _, labels in sizes), []) == [k % 4 for k in range(10)]

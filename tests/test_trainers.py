@@ -11,11 +11,10 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-
 from conftest import REPO, run_python
-from trainers import build, checks, cli, workdirs
 
 import vicreg_tf  # noqa: F401  (registers VICReg for keras.saving.load_model)
+from trainers import build, checks, cli, workdirs
 
 SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "__init__")
 
@@ -245,7 +244,8 @@ def test_batch_size_zero_names_the_field_and_writes_nothing(tmp_path):
     ({"data.limit": -1}, "config.data.limit must be an int >= 0"),
     ({"optimizer.base_learning_rate": 0.0}, "config.optimizer.base_learning_rate must be a positive number"),
     ({"optimizer.weight_decay": -1e-4}, "config.optimizer.weight_decay must be a number >= 0"),
-    ({"optimizer.warmup_epochs": 3}, r"config.optimizer.warmup_epochs must be at most config.training.epochs \(2\), got 3"),
+    ({"optimizer.warmup_epochs": 3},
+     r"config.optimizer.warmup_epochs must be at most config.training.epochs \(2\), got 3"),
     ({"optimizer.name": "sgd"}, r"config.optimizer.name must be one of \['lars', 'adamw'\], got 'sgd'"),
     ({"eval.knn_every": -1}, "config.eval.knn_every must be an int >= 0"),
     ({"training.verbose": "loud"}, "config.training.verbose must be 'auto'"),
@@ -508,7 +508,8 @@ def _without_import_lines(stderr):
     ("vicreg-train", ["--config=tiny", "--workdir=WORKDIR", "--config.training.batch_size=0"],
      "error: config.training.batch_size must be a positive int, got 0"),
     ("vicreg-train", ["--config=no_such_config", "--workdir=WORKDIR"], "error: config 'no_such_config' not found"),
-    ("vicreg-eval", ["--config=tiny", "--backbone=WORKDIR/missing.keras"], "error: no backbone file at WORKDIR/missing.keras"),
+    ("vicreg-eval", ["--config=tiny", "--backbone=WORKDIR/missing.keras"],
+     "error: no backbone file at WORKDIR/missing.keras"),
     ("vicreg-train", ["--config=tiny", "--workdir=WORKDIR", "--config.data.max_bad_fraction=1.5"],
      "error: config.data.max_bad_fraction must be a number in [0, 1], got 1.5"),
 ])
@@ -520,7 +521,8 @@ def test_command_line_mistakes_are_answered_before_tensorflow_loads(tmp_path, pr
     result = subprocess.run([_console(program), *args], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                             env=dict(os.environ, PYTHONPROFILEIMPORTTIME="1"))
     seconds = time.monotonic() - start
-    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")]
     assert result.returncode == 2, result.stderr[-2000:]
     assert _without_import_lines(result.stderr).startswith(message.replace("WORKDIR", str(workdir)))
     assert "absl.flags" in imported  # the listing works

@@ -196,7 +196,8 @@ def resolve_jit_compile(config, strategy) -> bool:
     """
     value = JIT_VALUES.get(str(config.training.jit_compile).lower())
     if value is None:
-        raise ValueError(f"config.training.jit_compile must be 'auto', 'on' or 'off', got {config.training.jit_compile!r}")
+        raise ValueError("config.training.jit_compile must be 'auto', 'on' or 'off', "
+                         f"got {config.training.jit_compile!r}")
     views = _views_value(config)
     if value is True:
         from vicreg_tf.base import xla_refusal
@@ -220,7 +221,8 @@ def _views_value(config) -> str:
 
 
 def views_on_device(config, strategy) -> bool:
-    """config.views.on_device: "auto" is on when training on GPUs or TPUs without XLA (the CPU then only decodes and crops)."""
+    """config.views.on_device: "auto" is on when training on GPUs or TPUs without XLA (the CPU then only decodes
+    and crops)."""
     value = _views_value(config)
     if value == "auto":
         if resolve_jit_compile(config, strategy):  # XLA cannot compile the view ops (data-dependent shapes)
@@ -248,7 +250,8 @@ def describe_devices(strategy) -> str:
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
-        model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), model)
+        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                     model)
         present = set(info.split())
         flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in present]
     except OSError:

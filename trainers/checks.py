@@ -54,7 +54,7 @@ def prepare_config(config) -> None:
 
 
 def fit_warmup_to_epochs(config) -> None:
-    """A warm-up longer than the run (e.g. image_folder's 5 epochs with --config.training.epochs=1) is shortened, with a warning."""
+    """A warm-up longer than the run (image_folder's 5 epochs with --config.training.epochs=1) is shortened, warning."""
     warmup, epochs = config.optimizer.warmup_epochs, config.training.epochs
     if not (is_int(warmup) and is_int(epochs)) or epochs < 1 or warmup <= epochs:
         return  # validate_config names a bad value

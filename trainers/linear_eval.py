@@ -23,7 +23,6 @@ from absl import app, flags
 from . import build, checks, cli, workdirs
 
 
-
 def evaluate(config, backbone_path: str | None, workdir: str | None = None, random_init: bool = False) -> dict:
     import keras
     import numpy as np

@@ -152,7 +152,7 @@ def rounded(value, digits: int = 6):
 
 
 def write_json_line(path, record: dict) -> dict:
-    """Prints `record` as one JSON line (floats to 6 significant digits) and writes it to `path`; returns it as written."""
+    """Prints `record` as one JSON line (floats to 6 significant digits), writes it to `path`; returns it as written."""
     record = rounded(record)
     line = json.dumps(record, sort_keys=True)
     print(line, flush=True)

@@ -73,7 +73,8 @@ def _probability(name: str, value) -> float:
     return float(value)
 
 
-def _range(name: str, value, *, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> tuple[float, float]:
+def _range(name: str, value, *, low: float = 0.0, high: float = math.inf,
+           low_open: bool = False) -> tuple[float, float]:
     """(min, max) with low <= min <= max <= high (min > low when low_open)."""
     try:
         lo, hi = (float(v) for v in value)

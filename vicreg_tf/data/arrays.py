@@ -36,7 +36,8 @@ def from_arrays(images, labels=None) -> tf.data.Dataset:
     elif np.issubdtype(images.dtype, np.floating):
         low, high = float(images.min()), float(images.max())
         if not (0.0 <= low and high <= 1.0):
-            raise ValueError(f"float images must lie in [0, 1], got values in [{low}, {high}]; divide uint8 data by 255")
+            raise ValueError(f"float images must lie in [0, 1], got values in [{low}, {high}]; "
+                             "divide uint8 data by 255")
         images = images.astype(np.float32, copy=False)
     else:
         raise ValueError(f"images must be uint8 (0-255) or float in [0, 1], got dtype {images.dtype}")
