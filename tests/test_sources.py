@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import run_python
 from PIL import Image
 
-from conftest import run_python
 from vicreg_tf import augment, data
 
 
@@ -334,8 +334,126 @@ def test_tfrecords_stream_encoded_and_give_the_folder_element_spec(tmp_path, pho
     assert len(batches) == 2 and batches[0][0].shape == (4, 32, 32, 3)
     halves = [list(data.view_pair_batches(source, augment.paper_views(32), 4, steps_per_epoch=2, epochs=1,
                                               row_start=s, row_count=2)) for s in (0, 2)]
-    for (a, _), (a0, _), (a1, _) in zip(batches, *halves):
-        np.testing.assert_array_equal(a.numpy(), np.concatenate([a0, a1]))
+    assert [a.shape[0] for half in halves for a, _ in half] == [2, 2, 2, 2]  # each worker: its own files
+
+
+# -- record sources on W workers (issue 22) ----------------------------------------------------
+
+
+def _labelled_records(folder: Path, files: int, per_file: int) -> str:
+    """`files` TFRecord files of `per_file` 8x8 PNGs each, label = the record's index in the stored order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    k = 0
+    for f in range(files):
+        with tf.io.TFRecordWriter(str(folder / f"train-{f:02d}.tfrecord")) as writer:
+            for _ in range(per_file):
+                buffer = io.BytesIO()
+                Image.fromarray(np.full((8, 8, 3), k % 256, np.uint8)).save(buffer, "PNG")
+                feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[buffer.getvalue()])),
+                           "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[k]))}
+                writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+                k += 1
+    return str(folder / "train-*.tfrecord")
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Counts the records read from files, per worker pipeline run in this process."""
+    from vicreg_tf.data import records as records_module
+
+    reads = []
+    original = records_module.read_file
+
+    def counting(filename):
+        def tick():
+            reads.append(1)
+            return np.int64(0)
+
+        return original(filename).map(lambda record: (tf.py_function(tick, [], tf.int64), record)[1])
+
+    monkeypatch.setattr(records_module, "read_file", counting)
+    return reads
+
+
+def _labels_of_epochs(source, batch, rows, epochs, steps, seed=0, shuffle_buffer=16, start_epoch=0):
+    batches = data.order(source, batch, epochs=epochs, steps_per_epoch=steps, seed=seed, shuffle_buffer=shuffle_buffer,
+                         rows=rows, start_epoch=start_epoch)
+    def index(item):  # the record's index in the stored order, from its pixels
+        return int(tf.io.decode_png(item)[0, 0, 0])
+
+    return [(int(e), int(t), [index(item) for item in items]) for e, t, items in batches]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_each_of_w_workers_reads_about_a_w_th_of_the_tfrecords_per_epoch(tmp_path, counted_reads, workers):
+    source = data.RecordSource.from_tfrecords(_labelled_records(tmp_path, 8, 20), cache_mb=0)  # 160 records
+    share = 16 // workers
+    per_worker = []
+    for worker in range(workers):
+        counted_reads.clear()
+        _labels_of_epochs(source, 16, (worker * share, (worker + 1) * share), epochs=1, steps=10)
+        per_worker.append(len(counted_reads))
+    # Until issue 22 every worker read all 160 records and kept its rows.
+    assert all(160 / workers <= n <= 160 / workers * 1.15 for n in per_worker), per_worker
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_each_of_w_workers_reads_about_a_w_th_of_a_tfds_split_per_epoch(tmp_path, counted_reads, workers):
+    import tensorflow_datasets as tfds
+
+    builder_class = _tiny_builder(tmp_path)
+    builder_class(data_dir=str(tmp_path)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=4))
+    source = data.RecordSource.from_tfds(builder_class.name, "train", data_dir=tmp_path, cache_mb=0)
+    assert len(source.files) == 4 and source.count == 12
+    per_worker = []
+    for worker in range(workers):
+        counted_reads.clear()
+        _labels_of_epochs(source, 4, (worker * 4 // workers, (worker + 1) * 4 // workers), epochs=1, steps=3)
+        per_worker.append(len(counted_reads))
+    assert all(12 / workers <= n <= 12 / workers + 3 for n in per_worker), per_worker
+
+
+def test_fewer_record_files_than_workers_is_one_line_naming_the_pattern(tmp_path):
+    pattern = _labelled_records(tmp_path, 3, 4)
+    source = data.RecordSource.from_tfrecords(pattern)
+    with pytest.raises(ValueError, match=r"^\S*train-\*\.tfrecord: 3 record file\(s\) for 4 workers; [^\n]*$"):
+        source.check_workers(4)
+    with pytest.raises(ValueError, match="3 record file"):
+        data.order(source, 8, epochs=1, steps_per_epoch=1, rows=(0, 2))
+    source.check_workers(3)
+
+
+def test_empty_record_files_are_one_line_naming_the_pattern(tmp_path):
+    (tmp_path / "empty-0.tfrecord").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty-\*\.tfrecord'?: the 1 file\(s\) it matches hold no records$"):
+        data.RecordSource.from_tfrecords(str(tmp_path / "empty-*.tfrecord"))
+
+
+def test_record_order_file_order_and_window_boundaries_change_each_epoch(tmp_path):
+    source = data.RecordSource.from_tfrecords(_labelled_records(tmp_path, 8, 8), cache_mb=0)  # 64 records
+    epochs = _labels_of_epochs(source, 8, (0, 8), epochs=3, steps=8, shuffle_buffer=16)
+    orders = [[label for e, _, items in epochs if e == epoch for label in items] for epoch in range(3)]
+    assert all(sorted(o) == list(range(64)) for o in orders)  # every record once per epoch
+    assert orders[0] != orders[1] != orders[2]
+    # The file order: the interleave takes one record of each file in turn, in the epoch's file order.
+    read = source.epoch_records(0, 1)
+    file_orders = [[int(label) // 8 for _, label in read(tf.stack([data.mix_seeds(0, e), tf.constant(-1, tf.int64)])).take(8)]
+                   for e in range(3)]
+    assert all(sorted(f) == list(range(8)) for f in file_orders) and len(set(map(tuple, file_orders))) == 3
+    # Window boundaries: the 16 records of the first window differ as a set (a fixed boundary would not move them).
+    assert len({frozenset(o[:16]) for o in orders}) == 3
+    # A pure function of (seed, epoch): a run resumed at epoch 2 gets epoch 2.
+    resumed = _labels_of_epochs(source, 8, (0, 8), epochs=3, steps=8, shuffle_buffer=16, start_epoch=2)
+    assert [label for _, _, items in resumed for label in items] == orders[2]
+
+
+def test_a_cached_record_source_reads_its_records_once_over_three_epochs(tmp_path, counted_reads):
+    source = data.RecordSource.from_tfrecords(_labelled_records(tmp_path, 2, 5))  # 10 records, well under cache_mb
+    assert source.cache
+    batches = list(data.view_pair_batches(source, augment.paper_views(8), 2, steps_per_epoch=5, epochs=3))
+    assert len(batches) == 15
+    assert len(counted_reads) == 10  # until issue 22: 30 (the cache was rebuilt every epoch)
 
 
 def test_tfrecords_without_an_image_feature_name_the_features(tmp_path):
@@ -346,7 +464,16 @@ def test_tfrecords_without_an_image_feature_name_the_features(tmp_path):
         data.RecordSource.from_tfrecords(str(tmp_path / "none-*.tfrecord"))
 
 
+_TINY_BUILDER = {}
+
+
 def _tiny_builder(tmp_path):
+    if not _TINY_BUILDER:  # tfds registers a builder's name once per process
+        _TINY_BUILDER["class"] = _make_tiny_builder()
+    return _TINY_BUILDER["class"]
+
+
+def _make_tiny_builder():
     import tensorflow_datasets as tfds
 
     class VicregStreamImages(tfds.core.GeneratorBasedBuilder):

@@ -43,8 +43,14 @@ def epoch_permutation(count: int, seed: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed=seed)
 
 
-def windowed_permutation(dataset: tf.data.Dataset, window: int, seed: tf.Tensor) -> tf.data.Dataset:
-    """Permutes each window of `window` consecutive (item, label) elements with the seed (seed, window index)."""
+def windowed_permutation(dataset: tf.data.Dataset, window: int, seed: tf.Tensor, *,
+                         moving: bool = False) -> tf.data.Dataset:
+    """Permutes each window of `window` consecutive (item, label) elements with the seed (seed, window index).
+
+    `moving=True`: the first window is shorter by a random offset drawn from the
+    seed, so every boundary moves with the seed (a record's window-mates change
+    from epoch to epoch).
+    """
     if window <= 1:
         return dataset
 
@@ -53,7 +59,26 @@ def windowed_permutation(dataset: tf.data.Dataset, window: int, seed: tf.Tensor)
                                                          seed=tf.stack([seed[0], mix_seeds(seed[1], index)]))
         return tuple(tf.gather(part, order) for part in batch)
 
-    return dataset.batch(window).enumerate().map(permute).unbatch()
+    if not moving:
+        return dataset.batch(window).enumerate().map(permute).unbatch()
+    window = tf.constant(window, tf.int64)
+    offset = tf.random.stateless_uniform([], tf.stack([seed[0], mix_seeds(seed[1], -2)]), 0, window, tf.int64)
+    windows = dataset.enumerate().group_by_window(
+        key_func=lambda i, element: (i + offset) // window,
+        reduce_func=lambda key, elements: elements.map(lambda i, element: element).batch(window).map(
+            lambda *batch: (key, batch)),
+        window_size_func=lambda key: tf.where(tf.equal(key, 0), window - offset, window))
+    return windows.map(permute).unbatch()
+
+
+def record_workers(batch_size: int, rows: tuple[int, int]) -> tuple[int, int]:
+    """(worker, W) of equal contiguous rows `rows` of a batch of `batch_size`: how record sources are sharded."""
+    start, stop = rows
+    count = stop - start
+    if batch_size % count or start % count:
+        raise ValueError(f"rows {start}..{stop} of a batch of {batch_size} are not one of equal shares: record sources "
+                         "give each worker whole files, so the workers' rows must split the batch evenly")
+    return start // count, batch_size // count
 
 
 def order(source, batch_size: int, *, epochs: int | None, steps_per_epoch: int | None = None, start_epoch: int = 0,
@@ -62,8 +87,12 @@ def order(source, batch_size: int, *, epochs: int | None, steps_per_epoch: int |
     """Stage 1: `(epoch, step, items)` per global batch, `items` this worker's `rows` (start, stop) of it.
 
     The items of epoch e are in an order fixed by (seed, e) alone: a permutation of
-    all of them (random-access sources: file names, arrays), or windows of
-    `shuffle_buffer` records permuted in the stored order (record sources). An
+    all of them (random-access sources: file names, arrays), whose rows `rows` are
+    this worker's; or, for record sources, this worker's files of the epoch's file
+    order (`source.epoch_records`: worker w of W, from equal `rows`, reads files
+    w, w + W, ...) permuted in windows of `shuffle_buffer` records whose boundaries
+    move each epoch, and batched by `stop - start`: global batches then depend on W
+    (docs/DATA.md). An
     epoch is `steps_per_epoch` full batches (its order repeated if it must), from
     `start_step` in `start_epoch`. Without `steps_per_epoch` (record sources only)
     the epochs are whole passes one after another, batched across their ends, and
@@ -97,22 +126,30 @@ def order(source, batch_size: int, *, epochs: int | None, steps_per_epoch: int |
 
         return epoch_numbers.flat_map(one_epoch)
 
-    records = source.records()  # built once: a cache inside the per-epoch function would start empty each epoch
+    sharded = hasattr(source, "epoch_records")
+    if sharded:
+        worker, workers = record_workers(batch_size, (start, stop))
+        epoch_records = source.epoch_records(worker, workers)  # once: a cached source's cache is built here
+    else:  # a tf.data dataset (`view_pairs`): one process reads it all, in fixed windows
+        records = source.records()
+        epoch_records = lambda seed: records
+    local_batch = stop - start
 
     def shuffled(epoch):
-        return windowed_permutation(records, shuffle_buffer, order_seed(epoch))
+        seed = order_seed(epoch)
+        return windowed_permutation(epoch_records(seed), shuffle_buffer, seed, moving=sharded)
 
-    def mine(items, labels):
-        return items[start:stop]
+    def items_only(items, labels):
+        return items
 
     if steps_per_epoch is None:
-        batches = epoch_numbers.flat_map(shuffled).batch(batch_size, drop_remainder=True).skip(start_step).map(mine)
+        batches = epoch_numbers.flat_map(shuffled).batch(local_batch, drop_remainder=True).skip(start_step)
         return tf.data.Dataset.zip((tf.data.Dataset.from_tensors(tf.constant(start_epoch, tf.int64)).repeat(),
-                                    tf.data.Dataset.counter(start_step), batches))
+                                    tf.data.Dataset.counter(start_step), batches.map(items_only)))
 
     def one_epoch(epoch):
-        batches = shuffled(epoch).repeat().batch(batch_size, drop_remainder=True).take(steps_per_epoch)
-        return numbered(epoch, batches.skip(first_step(epoch)).map(mine))
+        batches = shuffled(epoch).repeat().batch(local_batch, drop_remainder=True).take(steps_per_epoch)
+        return numbered(epoch, batches.skip(first_step(epoch)).map(items_only))
 
     return epoch_numbers.flat_map(one_epoch)
 

@@ -95,45 +95,109 @@ def from_tfds(
     return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def read_file(filename: tf.Tensor) -> tf.data.Dataset:
+    """The serialized records of one TFRecord file (a hook: tests wrap it to count what is read)."""
+    return tf.data.TFRecordDataset(filename)
+
+
 class RecordSource(_Source):
     """Encoded images read in order from record files (tfds shards or TFRecords); no random access.
 
-    Every epoch reads the records in order, keeps `shuffle_buffer` encoded records
-    at a time and permutes them with a stateless seed of (seed, epoch): the
-    shuffle holds bytes, not decoded images (about 110 kB per ImageNet JPEG). When
-    the source's size on disk is at most `cache_mb`, the encoded records are kept
-    in memory after the first epoch.
+    Each epoch of W workers (docs/DATA.md, "What each worker reads"): the files are
+    permuted with a stateless seed of (seed, epoch), file i of that order goes to
+    worker i % W (`tf.data.Dataset.shard`'s convention), and each worker reads its
+    files interleaved, so it reads about 1/W of the bytes. Its records are then
+    permuted in windows of `shuffle_buffer` whose boundaries move by a random offset
+    each epoch (`pipeline.windowed_permutation`). The shuffle holds bytes, not
+    decoded images (about 110 kB per ImageNet JPEG). When the source's size on disk
+    is at most `cache_mb`, each worker keeps the encoded records of its files in
+    memory, read once for the whole run: its files are then files worker, worker + W,
+    ... of the stored order (tfds' `input_context` convention), read in that order
+    every epoch (the windows still move and reshuffle).
+
+    Args:
+        files: the record files, in their stored order.
+        parse: a serialized record -> (encoded image bytes, int32 label).
+        count, channels, labelled: as every source.
+        description: what `describe()` reports; "pattern" names the files in errors.
+        bytes_on_disk: the files' size (0: unknown, never cached).
+        cache_mb: keep the encoded records in memory when `bytes_on_disk` is at most this.
+        skip_take: per file, (records to skip, records to take or -1): a tfds split slice.
     """
 
     kind = "records"
     random_access = False
+    _limit = 0
 
-    def __init__(self, make_records, count: int, channels: int, labelled: bool, *, description: dict,
-                 bytes_on_disk: int = 0, cache_mb: float = 1024):
+    def __init__(self, files: Sequence[str], parse, count: int, channels: int, labelled: bool, *,
+                 description: dict, bytes_on_disk: int = 0, cache_mb: float = 1024,
+                 skip_take: Sequence[tuple[int, int]] | None = None):
         super().__init__(count, channels, labelled)
-        self._make_records = make_records
+        self.files = [str(f) for f in files]
+        self._parse = parse
+        self._skip_take = np.array(skip_take if skip_take is not None else [(0, -1)] * len(self.files), np.int64)
         self._description = description
         self.bytes_on_disk = int(bytes_on_disk)
         self.cache = bool(bytes_on_disk) and bytes_on_disk <= cache_mb * 2**20
+        self._cached = {}
 
     def describe(self) -> dict:
         return {**self._description, "count": self.count}
 
-    def records(self) -> tf.data.Dataset:
-        """(encoded bytes, int32 label) in the stored order."""
-        records = self._make_records()
-        if self._limit:
-            records = records.take(self._limit)
-        return records.cache() if self.cache else records
+    def check_workers(self, workers: int) -> None:
+        """Raises, in one line, when there are fewer files than `workers` (each worker reads whole files)."""
+        if not self._limit and len(self.files) < workers:
+            raise ValueError(
+                f"{self._description.get('pattern', self.files[0])}: {len(self.files)} record file(s) for {workers} "
+                f"workers; each worker reads whole files, so write the records into at least {workers} files"
+            )
 
-    _limit = 0
+    def _read(self, files: tf.Tensor, skip_take: tf.Tensor, cycle_length: int) -> tf.data.Dataset:
+        def one_file(filename, skip, take):
+            return read_file(filename).skip(skip).take(take)
+
+        records = tf.data.Dataset.from_tensor_slices((files, skip_take[:, 0], skip_take[:, 1]))
+        records = records.interleave(one_file, cycle_length=max(1, min(cycle_length, 64)), block_length=1,
+                                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return records.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def records(self) -> tf.data.Dataset:
+        """(encoded bytes, int32 label) of every file, in the stored order."""
+        records = self._read(tf.constant(self.files), tf.constant(self._skip_take), len(self.files))
+        return records.take(self._limit) if self._limit else records
+
+    def epoch_records(self, worker: int = 0, workers: int = 1):
+        """A function (2,) epoch seed -> this worker's records of that epoch, before the windows' shuffle.
+
+        The file order is a stateless permutation by the seed; this worker reads
+        files `worker, worker + W, ...` of it. A cached source reads its files once
+        (see the class docstring). A limited source (smoke runs) reads its first
+        records on every worker and keeps record i when i % W == worker.
+        """
+        if self._limit:
+            mine = self.records().shard(workers, worker)
+            return lambda seed: mine
+        self.check_workers(workers)
+        files, skip_take = tf.constant(self.files), tf.constant(self._skip_take)
+        cycle_length = -(-len(self.files) // workers)
+
+        def shard(order):
+            return tf.gather(files, order[worker::workers]), tf.gather(skip_take, order[worker::workers])
+
+        if not self.cache:
+            return lambda seed: self._read(*shard(tf.random.experimental.stateless_shuffle(
+                tf.range(len(self.files)), seed=seed)), cycle_length)
+        if (worker, workers) not in self._cached:  # built once: a cache made per epoch would start empty
+            self._cached[worker, workers] = self._read(*shard(tf.range(len(self.files))), cycle_length).cache()
+        cached = self._cached[worker, workers]
+        return lambda seed: cached
 
     def limited(self, n: int) -> "RecordSource":
         if n >= self.count:
             return self
         clone = object.__new__(RecordSource)
         clone.__dict__.update(self.__dict__)
-        clone._limit, clone.count = n, n
+        clone._limit, clone.count, clone._cached = n, n, {}
         return clone
 
     def encoded_items(self):
@@ -146,13 +210,18 @@ class RecordSource(_Source):
 
     @classmethod
     def from_tfds(cls, name: str, split: str = "train", data_dir=None, *, channels: int = 3,
-                  image_key: str | None = None, label_key: str | None = "label", cache_mb: float = 1024,
-                  read_config=None) -> "RecordSource":
+                  image_key: str | None = None, label_key: str | None = "label",
+                  cache_mb: float = 1024) -> "RecordSource":
         """A prepared tfds dataset, its images left encoded (`tfds.decode.SkipDecoding`).
+
+        The split's files are read as TFRecords and parsed by the dataset's own
+        features, so they are sharded per worker and per epoch as TFRecord files are
+        (tfds' `ReadConfig(input_context=...)` would fix each worker's files for the
+        whole run and reshuffle them per process, not per (seed, epoch)).
 
         Raises:
             ValueError: an unknown name, or a dataset not prepared in `data_dir`
-                (the message gives the command that prepares it).
+                (the message gives the command that prepares it), or not stored as TFRecords.
         """
         import tensorflow_datasets as tfds
 
@@ -166,29 +235,33 @@ class RecordSource(_Source):
                 f"(ImageNet needs its tar files in <data_dir>/downloads/manual first), or pass data_dir= "
                 "to the folder that holds it."
             )
+        file_format = str(getattr(builder.info, "file_format", "tfrecord") or "tfrecord")
+        if "tfrecord" not in file_format.lower():
+            raise ValueError(f"tfds dataset {name!r} is stored as {file_format}; only TFRecord-stored datasets stream "
+                             f"(prepare it with `tfds build {name} --file_format=tfrecord`)")
         has_label = label_key is not None and label_key in features
-        count = int(builder.info.splits[split].num_examples)
+        split_info = builder.info.splits[split]
+        count = int(split_info.num_examples)
         try:
-            size = int(builder.info.splits[split].num_bytes)
+            size = int(split_info.num_bytes)
         except Exception:  # older metadata
             size = 0
-        stored_channels = features[image_key].shape[-1]
-        read_config = read_config or tfds.ReadConfig(interleave_cycle_length=16, interleave_block_length=1)
+        instructions = split_info.file_instructions
+        files = [os.fspath(i.filename) for i in instructions]
+        files = [f if os.path.isabs(f) else os.path.join(builder.data_dir, f) for f in files]
+        skip_take = [(int(i.skip), -1 if i.takes_all else int(i.take)) for i in instructions]
+        decoders = {image_key: tfds.decode.SkipDecoding()}
 
-        def make():
-            dataset = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config,
-                                         decoders={image_key: tfds.decode.SkipDecoding()})
+        def parse(serialized):
+            example = features.deserialize_example(serialized, decoders=decoders)
+            label = tf.cast(example[label_key], tf.int32) if has_label else tf.constant(NO_LABEL, tf.int32)
+            return example[image_key], label
 
-            def convert(example):
-                label = tf.cast(example[label_key], tf.int32) if has_label else tf.constant(NO_LABEL, tf.int32)
-                return example[image_key], label
-
-            return dataset.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-        source = cls(make, count, channels, has_label,
-                     description={"kind": "tfds", "name": name, "split": split, "data_dir": str(builder.data_dir)},
-                     bytes_on_disk=size, cache_mb=cache_mb)
-        source.stored_channels = stored_channels
+        source = cls(files, parse, count, channels, has_label,
+                     description={"kind": "tfds", "name": name, "split": split, "data_dir": str(builder.data_dir),
+                                  "pattern": f"tfds {name} {split}"},
+                     bytes_on_disk=size, cache_mb=cache_mb, skip_take=skip_take)
+        source.stored_channels = features[image_key].shape[-1]
         return source
 
     @classmethod
@@ -206,9 +279,9 @@ class RecordSource(_Source):
         if not files:
             raise ValueError(f"no TFRecord files match {pattern!r}")
         channels = arguments.channels(channels)
-        first = next(iter(tf.data.TFRecordDataset(files[0]).take(1)), None)
+        first = next(iter(tf.data.TFRecordDataset(files).take(1)), None)
         if first is None:
-            raise ValueError(f"{files[0]} holds no records")
+            raise ValueError(f"{pattern!r}: the {len(files)} file(s) it matches hold no records")
         try:
             example = tf.train.Example.FromString(first.numpy())
         except Exception:
@@ -234,15 +307,11 @@ class RecordSource(_Source):
             label = tf.cast(parsed[label_key], tf.int32) if label_key else tf.constant(NO_LABEL, tf.int32)
             return parsed[image_key], label
 
-        def make():
-            names = tf.data.Dataset.from_tensor_slices(files)
-            records = names.interleave(tf.data.TFRecordDataset, cycle_length=min(16, len(files)), block_length=1,
-                                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
         if not count:
             count = int(tf.data.TFRecordDataset(files).reduce(np.int64(0), lambda n, _: n + 1))
         size = sum(os.path.getsize(f) for f in files)
-        return cls(make, count, channels, label_key is not None,
-                   description={"kind": "tfrecords", "files": [os.path.abspath(f) for f in files][:1000]},
+        shown = pattern if isinstance(pattern, str) else f"{files[0]} and {len(files) - 1} more"
+        return cls(files, parse, count, channels, label_key is not None,
+                   description={"kind": "tfrecords", "pattern": shown,
+                                "files": [os.path.abspath(f) for f in files][:1000]},
                    bytes_on_disk=size, cache_mb=cache_mb)
