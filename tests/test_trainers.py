@@ -634,6 +634,15 @@ def test_a_folder_where_most_images_fail_names_the_share_and_writes_nothing(tmp_
     checks.check_images_decode(source, config)
 
 
+def test_with_eval_path_the_training_split_is_the_whole_folder(tmp_path):
+    folder = _folder_of(tmp_path, good=40, bad=0)
+    config = _folder_config(folder)
+    config.data.train_split = "train"
+    config.data.eval_path = str(_folder_of(tmp_path / "val", good=6, bad=0))
+    assert build.load_source(config, "train").count == 40  # until issue 22: 35 (10% held out by hash)
+    assert build.load_source(config, config.data.eval_split).count == 6
+
+
 def test_vicreg_eval_refuses_a_folder_where_no_image_decodes_before_writing(tmp_path):
     from trainers import linear_eval
 

@@ -77,8 +77,10 @@ def _tfds_source(data_config, split: str, is_eval: bool):
 def _folder_source(data_config, split: str, is_eval: bool):
     from vicreg_tf import data
 
-    if is_eval and data_config.eval_path:
-        return data.FolderSource(data_config.eval_path, data_config.channels)
+    if data_config.eval_path:  # evaluation reads its own folder: the training split is the whole folder
+        if is_eval:
+            return data.FolderSource(data_config.eval_path, data_config.channels)
+        split = "all"
     return data.FolderSource(data_config.path, data_config.channels, split=split,
                              eval_fraction=data_config.eval_fraction)
 
