@@ -186,6 +186,70 @@ def test_killed_worker_stops_the_job_and_a_restart_resumes(tmp_path):
     assert (workdir / "vicreg.keras").exists()
 
 
+def _steps_logged(workdir) -> int:
+    try:
+        return len((Path(workdir) / "steps.csv").read_text().splitlines()) - 1
+    except OSError:
+        return 0
+
+
+@pytest.mark.large
+def test_sigterm_to_one_worker_backs_up_every_worker_at_one_step_and_the_rerun_resumes_there(tmp_path):
+    import threading
+
+    args = ["--config.training.epochs=2", "--config.training.steps_per_epoch=20"]
+    straight = _launch(tmp_path, tmp_path / "straight", *args)
+    assert straight.returncode == 0, straight.stdout[-4000:]
+
+    workdir = tmp_path / "stopped"
+    proc = _launch(tmp_path, workdir, *args, wait=False)
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    try:
+        while _steps_logged(workdir) < 5 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = dict(re.findall(r"launch_local: worker (\d) pid (\d+)", "".join(output)))
+        signalled_after = _steps_logged(workdir)
+        assert 5 <= signalled_after < 40, "".join(output[-50:])
+        os.kill(int(pids["1"]), signal.SIGTERM)  # one host preempted; worker 0 gets no signal
+        proc.wait(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    output = "".join(output)
+    assert proc.returncode == 143, output[-4000:]
+    assert re.search(r"launch_local: worker \d was preempted", output), output[-4000:]
+    # The other worker was not killed by the launcher: it stopped by itself, with the same status.
+    assert "launch_local: every worker has stopped, exit codes [143, 143]" in output, output[-4000:]
+    stops = re.findall(r"\[worker (\d)\] preempted: stopped by SIGTERM to a worker of the cluster "
+                       r"after epoch (\d+) \+ (\d+) steps", output)
+    assert sorted(w for w, _, _ in stops) == ["0", "1"], output[-4000:]  # both backed up and stopped
+    (epoch, step), = {(int(e), int(s)) for _, e, s in stops}  # at one step
+    record = json.loads((workdir / "backup" / "backup.json").read_text())
+    assert (record["epoch"], record.get("step", 0)) == (epoch, step)
+    done = 20 * epoch + step
+    assert signalled_after <= done < 40 and _steps_logged(workdir) == done, (signalled_after, done)
+    assert not (workdir / "vicreg.keras").exists()
+
+    again = _launch(tmp_path, workdir, *args)
+    assert again.returncode == 0, again.stdout[-4000:]
+    where = f"epoch {epoch}, step {step} of the next" if step else f"epoch {epoch}"
+    assert f"[worker 0] Resuming after {where} from the backup" in again.stdout
+    steps = [int(row.split(",")[0]) for row in (workdir / "steps.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 41)), steps  # no step done twice, none skipped
+    expected = _weights(tmp_path / "straight" / "vicreg.keras")
+    # Worker 1 resumed at the same step: it ends at step 40 with the chief's weights (its own save).
+    other_dirs = sorted((tmp_path / "scratch").glob("vicreg-worker1-*"), key=os.path.getmtime)
+    for path in (workdir / "vicreg.keras", other_dirs[-1] / "vicreg.keras"):
+        model = keras.saving.load_model(path, compile=True)
+        assert int(model.optimizer.iterations.numpy()) == 40, path
+        for a, b in zip(expected, model.get_weights()):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- Slurm (issue 17)
 
 _SLURM = {

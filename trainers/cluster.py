@@ -205,6 +205,18 @@ class WorkerRole:
         self.workdir = workdir
 
 
+def preemption_resolver(strategy):
+    """The resolver through which a SIGTERM reaches every worker (None outside a cluster).
+
+    MultiWorkerMirroredStrategy without TF_CONFIG or Slurm has a resolver with no
+    jobs: one process, which handles its own SIGTERM.
+    """
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not (os.environ.get("TF_CONFIG") or in_slurm_job()):
+        return None
+    return resolver
+
+
 def worker_role(strategy, workdir) -> WorkerRole:
     """The chief of a multi-worker run, or the only process, writes into the workdir."""
     resolver = getattr(strategy, "cluster_resolver", None)

@@ -5,7 +5,9 @@
 Each worker gets a free port on 127.0.0.1 and its own TF_CONFIG; their output
 is streamed with a "[worker i]" prefix. If one worker fails (or is killed),
 the others are stopped and the launcher exits with that worker's code, so a
-job never hangs on a dead peer. The chief (worker 0) prints the progress and
+job never hangs on a dead peer. A worker that exits after a preemption (status 143)
+is the exception: the others back up at the same step and exit on their own, and
+the launcher waits for them (up to PREEMPTION_WAIT seconds). The chief (worker 0) prints the progress and
 the kNN monitor; the others print only warnings and errors. Rerunning the same command resumes from the
 chief's last backup. For real clusters set TF_CONFIG on each host instead
 (docs/DISTRIBUTED.md).
@@ -51,6 +53,9 @@ def _stream(index: int, pipe) -> None:
 
 # vicreg_tf.trainers.pretrain when installed, trainers.pretrain in the repository.
 PRETRAIN = f"{__package__ or 'trainers'}.pretrain"
+PREEMPTED_EXIT_STATUS = 143  # vicreg-train's status after a preemption backup (trainers.pretrain)
+# After one worker's preemption exit, how long the others get to back up and exit themselves.
+PREEMPTION_WAIT = 120.0
 
 
 def launch(num_workers: int, train_args: list[str], timeout: float | None = None,
@@ -71,14 +76,23 @@ def launch(num_workers: int, train_args: list[str], timeout: float | None = None
         procs.append(proc)
         threads.append(thread)
     deadline = None if timeout is None else time.monotonic() + timeout
-    status = 0
+    status, preempted_at = 0, None
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-            if failed:
+            if failed and failed[0][1] == PREEMPTED_EXIT_STATUS and preempted_at is None:
+                # Preempted: the others back up at the same step and stop by themselves.
+                preempted_at = time.monotonic()
+                print(f"launch_local: worker {failed[0][0]} was preempted; waiting up to {PREEMPTION_WAIT:.0f} s "
+                      "for the others to back up at the same step", flush=True)
+            if failed and (preempted_at is None or None not in codes
+                           or time.monotonic() > preempted_at + PREEMPTION_WAIT):
                 index, status = failed[0]
-                print(f"launch_local: worker {index} exited with code {status}; stopping the others", flush=True)
+                if None in codes:
+                    print(f"launch_local: worker {index} exited with code {status}; stopping the others", flush=True)
+                else:
+                    print(f"launch_local: every worker has stopped, exit codes {codes}", flush=True)
                 break
             if all(c == 0 for c in codes):
                 break

@@ -111,8 +111,10 @@ def train(config, workdir: str | os.PathLike) -> dict:
             callbacks.insert(0, evaluation.KNNMonitor(
                 train_batches, eval_batches, every=config.eval.knn_every, k=config.eval.knn_k[0]
             ))
-    # Backs up every epoch, and at the step boundary after a SIGTERM (then raises run_state.Preempted).
-    backup = run_state.AtomicBackupAndRestore(backup_dir, write=role.is_chief, first_step=start_step)
+    # Backs up every epoch, and at the step boundary after a SIGTERM (then raises run_state.Preempted);
+    # in a cluster every worker stops at the same step (TensorFlow's PreemptionCheckpointHandler).
+    backup = run_state.AtomicBackupAndRestore(backup_dir, write=role.is_chief, first_step=start_step,
+                                              cluster_resolver=cluster.preemption_resolver(strategy))
     callbacks += [
         vicreg_tf.StopOnNonFiniteLoss(),
         # Columns fixed up front: the kNN accuracy is only logged on the epochs it is measured.

@@ -84,8 +84,8 @@ def save_backup(model: keras.Model, backup_dir, epoch: int, step: int = 0) -> No
 class Preempted(Exception):
     """Raised out of `fit` after a SIGTERM, once the backup at the step boundary is written."""
 
-    def __init__(self, epoch: int, step: int, backup_dir: str):
-        super().__init__(f"stopped by SIGTERM after epoch {epoch} + {step} steps; "
+    def __init__(self, epoch: int, step: int, backup_dir: str, cause: str = "SIGTERM"):
+        super().__init__(f"stopped by {cause} after epoch {epoch} + {step} steps; "
                          f"the backup in {backup_dir} resumes there")
         self.epoch, self.step, self.backup_dir = epoch, step, backup_dir
 
@@ -100,18 +100,33 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     optimizer state) and raise `Preempted`; the trainer resumes there
     (`read_backup_position`, `vicreg_tf.data.view_pair_batches(start_epoch=, start_step=)`).
 
+    In a cluster (`cluster_resolver` with jobs, i.e. MultiWorkerMirroredStrategy) the
+    SIGTERM of any one worker is TensorFlow's to spread:
+    `tf.distribute.experimental.PreemptionCheckpointHandler` records it in the
+    coordination service, every worker learns the step to stop after (the next but
+    one, acknowledged by all before the signalled worker trains on), and each backs
+    up there (the chief writes) and raises `Preempted` at the same step.
+
     Args:
         backup_dir: where the backups live (one directory per run; any gfile path).
         delete_checkpoint: remove the backup when fit completes.
         write: whether this process writes backups (False on non-chief workers).
         first_step: steps of the first epoch done before this fit (a run resumed mid-epoch,
             whose first epoch is `steps_per_epoch - first_step` long).
+        cluster_resolver: the multi-worker strategy's resolver; with jobs in its cluster spec,
+            preemption goes through TensorFlow's PreemptionCheckpointHandler (all workers stop
+            at one step) instead of this process's own SIGTERM handler.
     """
 
-    def __init__(self, backup_dir, delete_checkpoint: bool = False, write: bool = True, first_step: int = 0):
+    def __init__(self, backup_dir, delete_checkpoint: bool = False, write: bool = True, first_step: int = 0,
+                 cluster_resolver=None):
         super().__init__(os.fspath(backup_dir), save_freq="epoch", delete_checkpoint=delete_checkpoint)
         self.write = write
         self.first_step = first_step
+        self.cluster_resolver = cluster_resolver
+        self._handler = None  # TensorFlow's PreemptionCheckpointHandler, made once per process
+        self._handler_sigterm = None  # the SIGTERM handler it installed (reinstalled for each fit)
+        self._position = (0, 0)  # (epoch, step) after the last finished step
         self.restore_on_begin = True  # False: a second fit of the same run, the model is current
         self._sigterm = False
         self._previous_handler = None
@@ -132,14 +147,42 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         if self.write:
             save_backup(self.model, self.backup_dir, self._current_epoch)
 
+    def _in_cluster(self) -> bool:
+        return self.cluster_resolver is not None and bool(self.cluster_resolver.cluster_spec().jobs)
+
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._first_epoch = None
-        if signal.getsignal(signal.SIGTERM) is not None:  # None: not installable from Python here
-            try:
+        if signal.getsignal(signal.SIGTERM) is None:  # not installable from Python here
+            return
+        try:
+            if not self._in_cluster():
                 self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-            except ValueError:  # not the main thread: no preemption handling
-                self._previous_handler = None
+            elif self._handler is None:  # once: its coordination-service keys are set once per cluster
+                self._previous_handler = signal.getsignal(signal.SIGTERM)
+                self._handler = self._make_preemption_handler()
+                self._handler_sigterm = signal.getsignal(signal.SIGTERM)
+            else:  # a second fit of the same run (resumed mid-epoch): watch again
+                self._previous_handler = signal.signal(signal.SIGTERM, self._handler_sigterm)
+        except ValueError:  # not the main thread: no preemption handling
+            self._previous_handler = None
+
+    def _make_preemption_handler(self):
+        # The handler restores nothing here (an empty TensorFlow checkpoint in a directory with
+        # none) and saves through save_fn: the backup stays ours (weights file + record).
+        manager = tf.train.CheckpointManager(tf.train.Checkpoint(), self.backup_dir, max_to_keep=1)
+        config = tf.distribute.experimental.TerminationConfig(
+            exit_fn=self._stop_preempted, grace_period=0, save_fn=self._save_position)
+        return tf.distribute.experimental.PreemptionCheckpointHandler(
+            self.cluster_resolver, manager, termination_config=config)
+
+    def _save_position(self):
+        if self.write:
+            save_backup(self.model, self.backup_dir, *self._position)
+
+    def _stop_preempted(self):
+        self._restore_handler()
+        raise Preempted(*self._position, self.backup_dir, cause="SIGTERM to a worker of the cluster")
 
     def _on_sigterm(self, signum, frame):
         self._sigterm = True  # acted on at the next step boundary, where the state is whole
@@ -155,15 +198,20 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         at = os.environ.get(SIGTERM_AT_STEP_ENV)
         if at and int(self.model.optimizer.iterations.numpy()) == int(at):
             os.kill(os.getpid(), signal.SIGTERM)
-        if not self._sigterm:
-            return
         epoch = self._epoch
         step = batch + 1 + (self.first_step if epoch == self._first_epoch else 0)
         steps = (self.params or {}).get("steps")
         if steps and batch + 1 >= steps:  # the epoch's last step: a whole epoch is done
             epoch, step = epoch + 1, 0
-        if self.write:
-            save_backup(self.model, self.backup_dir, epoch, step)
+        self._position = (epoch, step)
+        if self._handler is not None:
+            # Every worker calls this once per step; at the step the cluster agreed on it
+            # calls _save_position, then _stop_preempted (which raises Preempted).
+            self._handler.save_checkpoint_if_preempted()
+            return
+        if not self._sigterm:
+            return
+        self._save_position()
         self._restore_handler()
         raise Preempted(epoch, step, self.backup_dir)
 
