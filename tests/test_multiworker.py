@@ -186,6 +186,29 @@ def test_killed_worker_stops_the_job_and_a_restart_resumes(tmp_path):
     assert (workdir / "vicreg.keras").exists()
 
 
+_FAKE_WORKER = """
+import json, os, sys, time
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+time.sleep(0.5 + 2.0 * index)  # worker 1 backs up later than worker 0
+print("stopping", flush=True)
+sys.exit(int(sys.argv[1 + index]))
+"""
+
+
+@pytest.mark.parametrize("codes, status, report", [
+    ((143, 143), 143, "every worker has stopped, exit codes [143, 143]"),  # waited: worker 1 not killed
+    ((1, 0), 1, "worker 0 exited with code 1; stopping the others"),  # a failure still stops the rest
+])
+def test_the_launcher_waits_for_the_others_only_after_a_preemption_exit(tmp_path, monkeypatch, capsys,
+                                                                       codes, status, report):
+    (tmp_path / "fake_worker.py").write_text(_FAKE_WORKER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert launch_local.launch(2, [str(c) for c in codes], timeout=60, module="fake_worker") == status
+    out = capsys.readouterr().out
+    assert report in out, out
+    assert ("[worker 1] stopping" in out) == (codes[0] == 143), out
+
+
 def _steps_logged(workdir) -> int:
     try:
         return len((Path(workdir) / "steps.csv").read_text().splitlines()) - 1
