@@ -32,11 +32,12 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# isort: off
+import vicreg_tf  # noqa: E402,F401  first, as users do: it decides TensorFlow's oneDNN default
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-import vicreg_tf  # noqa: E402,F401  first, as users do: it decides TensorFlow's oneDNN default
+# isort: on
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
-
+# isort: off
 import vicreg_tf  # noqa: E402,F401  first, as users do: it decides TensorFlow's oneDNN default
+import tensorflow as tf  # noqa: E402
+# isort: on
 
 _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(

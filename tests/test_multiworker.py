@@ -15,8 +15,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-
 from conftest import REPO, run_python
+
 from trainers import cluster, launch_local
 
 TINY = [
@@ -83,7 +83,8 @@ def test_tf_configs_of_the_launcher_are_valid():
 
 def test_bad_tf_config_stops_vicreg_train_with_a_clear_error(tmp_path):
     result = run_python(["-m", "trainers.pretrain", *TINY, f"--workdir={tmp_path}"], timeout=120,
-                        env={"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}'})
+                        env={"TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, '
+                                          '"task": {"type": "worker", "index": 3}}'})
     assert result.returncode == 2
     assert "task index 3 is out of range" in result.stderr
 

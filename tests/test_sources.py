@@ -1,4 +1,5 @@
 """Streaming sources and the per-worker view pipeline: crops from the original, rows, bad files."""
+import importlib
 import io
 import json
 import math
@@ -438,7 +439,8 @@ def test_record_order_file_order_and_window_boundaries_change_each_epoch(tmp_pat
     assert orders[0] != orders[1] != orders[2]
     # The file order: the interleave takes one record of each file in turn, in the epoch's file order.
     read = source.epoch_records(0, 1)
-    file_orders = [[int(label) // 8 for _, label in read(tf.stack([data.mix_seeds(0, e), tf.constant(-1, tf.int64)])).take(8)]
+    file_orders = [[int(label) // 8
+                    for _, label in read(tf.stack([data.mix_seeds(0, e), tf.constant(-1, tf.int64)])).take(8)]
                    for e in range(3)]
     assert all(sorted(f) == list(range(8)) for f in file_orders) and len(set(map(tuple, file_orders))) == 3
     # Window boundaries: the 16 records of the first window differ as a set (a fixed boundary would not move them).
@@ -550,3 +552,20 @@ def test_a_run_resumed_mid_epoch_gets_the_rest_of_that_epoch(photos):
     for (a, b), (ra, rb) in zip(full[2:], resumed):
         np.testing.assert_array_equal(a.numpy(), ra.numpy())
         np.testing.assert_array_equal(b.numpy(), rb.numpy())
+
+
+def test_vicreg_train_refuses_fewer_record_files_than_workers_before_claiming_the_workdir(tmp_path, monkeypatch):
+    import types
+
+    from trainers import build, pretrain
+
+    pattern = _labelled_records(tmp_path, 3, 4)
+    config = importlib.import_module("configs.tiny").get_config()
+    config.data.source, config.data.path, config.data.limit = "tfrecords", pattern, 0
+    config.data.eval_path = pattern
+    four_workers = types.SimpleNamespace(extended=types.SimpleNamespace(_num_workers=4), num_replicas_in_sync=4)
+    monkeypatch.setattr(build, "make_strategy", lambda: four_workers)
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="3 record file\\(s\\) for 4 workers"):
+        pretrain.train(config, workdir)
+    assert not workdir.exists()

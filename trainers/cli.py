@@ -1,4 +1,5 @@
-"""Command-line handling shared by vicreg-train and vicreg-eval: config names, --help, one-line errors, quiet start-up."""
+"""Command-line handling shared by vicreg-train and vicreg-eval: config names, --help, one-line errors, quiet
+start-up."""
 from __future__ import annotations
 
 import os
@@ -117,6 +118,8 @@ def run_app(main_fn, argv: list[str], doc: str = "", flag_names: tuple = (), che
                 sys.exit(fail(str(error)))
         with quiet_tensorflow_startup():
             import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
+
+            # isort: split
             import tensorflow as tf
 
             tf.config.list_physical_devices()  # where CUDA is probed (and complains on CPU-only machines)

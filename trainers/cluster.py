@@ -52,6 +52,7 @@ def slurm_cluster_resolver():
     (`--gpus-per-task`, `--gpu-bind`) decides; this task's visible GPUs are its replicas.
     """
     import tensorflow as tf
+
     from vicreg_tf.compat import expand_tasks_per_node
 
     gpus = len(tf.config.list_physical_devices("GPU"))

@@ -24,8 +24,6 @@ from absl import app, flags
 
 from . import build, checks, cli, cluster, workdirs
 
-
-
 PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM, what schedulers expect of a process they terminated
 
 
@@ -35,7 +33,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     import tensorflow as tf
 
     import vicreg_tf
-    from vicreg_tf import data, evaluation, run_state, serving
+    from vicreg_tf import compat, data, evaluation, run_state, serving
     from vicreg_tf.atomic_io import is_remote, save_keras_file
 
     workdir = os.fspath(workdir)  # a local path or any tf.io.gfile one (gs://...)
@@ -53,6 +51,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     strategy = build.make_strategy()
     views = build.make_views(config, seed=config.seed)  # an unknown views.preset fails here
     source = build.load_source(config, config.data.train_split)
+    source.check_workers(compat.input_pipelines(strategy))  # record files: at least one per worker
     checks.check_images_decode(source, config)  # a folder of non-images: a sample of the files, decoded
     count = source.count
     batch_size = config.training.batch_size
@@ -125,7 +124,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
         keras.callbacks.TensorBoard(join(role.workdir, "tensorboard")),
         backup,  # last: the step it stops at after a SIGTERM has been logged by the others
     ]
-    fit = dict(callbacks=callbacks, shuffle=False, verbose=build.resolve_verbose(config.training.get("verbose", "auto")))
+    verbose = build.resolve_verbose(config.training.get("verbose", "auto"))
+    fit = dict(callbacks=callbacks, shuffle=False, verbose=verbose)
     if start_epoch < epochs and start_step:
         # Stopped mid-epoch: finish that epoch from its next step (the learning rate follows
         # optimizer.iterations, restored with the backup), then the remaining epochs.

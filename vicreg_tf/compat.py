@@ -35,6 +35,11 @@ def in_multi_worker_mode(strategy) -> bool:
     )
 
 
+def input_pipelines(strategy) -> int:
+    """How many workers read input under `strategy` (one per worker; 1 outside MultiWorkerMirrored)."""
+    return int(getattr(strategy.extended, "_num_workers", 1))
+
+
 def expand_tasks_per_node(value: str) -> list[int]:
     """Slurm's SLURM_STEP_TASKS_PER_NODE ("2(x3),1") as a list of counts, as TensorFlow's resolver reads it."""
     from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import expand_tasks_per_node as expand

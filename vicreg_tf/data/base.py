@@ -54,6 +54,10 @@ class _Source:
         return self.encoded_items().interleave(skip_bad, cycle_length=16, block_length=1,
                                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+    def check_workers(self, workers: int) -> None:
+        """Raises, in one line, when this source cannot feed `workers` input pipelines (record sources
+        read whole files per worker); any worker count works for random-access sources."""
+
     def limited(self, n: int) -> "_Source":
         """The first `n` images only (smoke runs); the source itself if it has at most `n`."""
         raise NotImplementedError
