@@ -8,7 +8,7 @@ WORKDIR ?= runs/fashion_mnist
 CONFIG ?= configs/fashion_mnist.py
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: setup setup-test data demo test test-fast test-gpu-matrix bench clean
+.PHONY: setup setup-test data demo lint test test-fast test-gpu-matrix bench clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,12 @@ demo: setup data
 	$(VENV)/bin/vicreg-train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(VENV)/bin/vicreg-eval --config=$(CONFIG) --backbone=$(WORKDIR)/backbone.keras
 
-test: setup-test data
-	$(PY) -m pytest -q
+# The linter first (ruff: pyflakes, pycodestyle, isort; pyproject.toml), then the suite.
+lint: setup-test
+	$(VENV)/bin/ruff check .
+
+test: setup-test data lint
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup-test data
 	$(PY) -m pytest -q -m "not large"

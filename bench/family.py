@@ -39,7 +39,8 @@ from bench.throughput import machine, md_table, write_results
 ROWS = {
     "vicreg": ("VICReg (25/25/1)", dict(method="vicreg")),
     "simsiam": ("SimSiam", dict(method="simsiam")),
-    "simsiam_vc": ("SimSiam + variance 1 + covariance 0.01", dict(method="simsiam", variance_weight=1.0, covariance_weight=0.01)),
+    "simsiam_vc": ("SimSiam + variance 1 + covariance 0.01",
+                   dict(method="simsiam", variance_weight=1.0, covariance_weight=0.01)),
     "byol": ("BYOL", dict(method="byol")),
     "byol_v": ("BYOL + variance 1", dict(method="byol", variance_weight=1.0)),
     "logdet": ("LogDet entropy (beta 1e-3)", dict(method="logdet")),
@@ -64,6 +65,7 @@ def build(method: str | None, backbone, total_steps: int, **weights):
 def run_row(name: str, args, x_train, x_eval_train, x_eval_test) -> dict:
     import vicreg_tf  # before keras / tensorflow, as users do
 
+    # isort: split
     import keras
     import numpy as np
 
@@ -143,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: Fashion-MNIST not found in {args.data} (apt-get install dataset-fashion-mnist); skipped")
         return 0
     x_train, y_train, x_test, y_test = load_fashion_mnist(Path(args.data))
-    eval_sets = (x_train[: args.eval_train], y_train[: args.eval_train], x_test[: args.eval_test], y_test[: args.eval_test])
-    payload = {"machine": {**machine(), "date": time.strftime("%Y-%m-%d")}, "epochs": args.epochs, "train_images": args.limit, "eval_train": args.eval_train,
+    eval_sets = (x_train[: args.eval_train], y_train[: args.eval_train],
+                 x_test[: args.eval_test], y_test[: args.eval_test])
+    payload = {"machine": {**machine(), "date": time.strftime("%Y-%m-%d")}, "epochs": args.epochs,
+               "train_images": args.limit, "eval_train": args.eval_train,
                "eval_test": args.eval_test, "probe_epochs": args.probe_epochs, "seed": args.seed, "recipe": RECIPE,
                "command": "python -m bench.family " + " ".join(argv), "rows": {}}
     for name in names:

@@ -27,9 +27,11 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# isort: off
 import numpy as np  # noqa: E402
 import vicreg_tf  # noqa: E402,F401  first, as users do: it decides TensorFlow's oneDNN default
 import tensorflow as tf  # noqa: E402
+# isort: on
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,7 +77,6 @@ def views_rate(name: str, views, shape, batch_size: int, batches: int, warmup: i
 def _model():
     import keras
 
-    import vicreg_tf
     from vicreg_tf import LARS, backbones
 
     keras.utils.set_random_seed(0)
@@ -160,7 +161,8 @@ def main(argv=None) -> list[dict]:
         rows += [
             views_rate("kerascv_views paper (KerasCV layers)", kerascv_pipeline.kerascv_views(32), (32, 32, 3), size,
                        args.kerascv_batches, warmup=1),
-            views_rate("kerascv_views grayscale (KerasCV layers)", kerascv_pipeline.kerascv_views(28, preset="grayscale"),
+            views_rate("kerascv_views grayscale (KerasCV layers)",
+                       kerascv_pipeline.kerascv_views(28, preset="grayscale"),
                        (28, 28, 1), size, args.kerascv_batches, warmup=1),
         ]
     rows.append(train_rate(size, args.train_steps))
@@ -173,7 +175,8 @@ def main(argv=None) -> list[dict]:
         + ("the pipeline is not the bottleneck." if gray > train else "the pipeline IS the bottleneck.")
     )
     meta = {
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, no accelerator" if not tf.config.list_physical_devices("GPU")
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, no accelerator"
+        if not tf.config.list_physical_devices("GPU")
         else f"{platform.machine()} with {tf.config.list_physical_devices('GPU')}",
         "tensorflow": tf.__version__, "keras": keras.__version__, "keras_cv": keras_cv.__version__,
         "batch_size": size, "load_average": [round(x, 1) for x in os.getloadavg()], "verdict": verdict,
@@ -181,7 +184,8 @@ def main(argv=None) -> list[dict]:
     }
     print(f"{'row':48s} {'input':>8s} {'images/s':>10s} {'views/s':>10s} {'warm-up s':>10s}")
     for r in rows:
-        print(f"{r['row']:48s} {r['input']:>8s} {r['images_per_s']:10.0f} {r['views_per_s']:10.0f} {r['warmup_s']:10.1f}")
+        print(f"{r['row']:48s} {r['input']:>8s} {r['images_per_s']:10.0f} {r['views_per_s']:10.0f} "
+              f"{r['warmup_s']:10.1f}")
     print(verdict)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

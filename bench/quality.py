@@ -144,6 +144,7 @@ def _prefix(seed: int) -> str:
 def _tf_child(task: dict) -> dict:
     import vicreg_tf  # first, as the README asks of users (bench/__init__.py has set oneDNN on already)
 
+    # isort: split
     import keras
     import tensorflow as tf
 
@@ -176,7 +177,8 @@ def _tf_child(task: dict) -> dict:
             dataset = tf.data.Dataset.zip((
                 labelled.shuffle(len(pre), seed=seed).repeat().batch(batch, drop_remainder=True),
                 tf.data.Dataset.random(seed).batch(2),
-            )).map(lambda xy, pair_seed: (views.view_a(xy[0], seed=pair_seed), xy[1]), num_parallel_calls=tf.data.AUTOTUNE)
+            )).map(lambda xy, pair_seed: (views.view_a(xy[0], seed=pair_seed), xy[1]),
+                   num_parallel_calls=tf.data.AUTOTUNE)
             dataset = dataset.prefetch(tf.data.AUTOTUNE)
             model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                           metrics=["accuracy"])
@@ -217,7 +219,8 @@ def _torch_child(task: dict) -> dict:
             peer_torch.adjust_learning_rate(optimizer, step, total, warmup, base_lr)
             losses.append(float(peer_torch.train_step(model, optimizer, loss_fn, view_a, view_b)))
             step += 1
-        print(f"epoch {epoch + 1}: loss {np.mean(losses):.3f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+        print(f"epoch {epoch + 1}: loss {np.mean(losses):.3f} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr,
+              flush=True)
     info = {"train_s": time.perf_counter() - t0, "augment_s": augment_s, "steps": total,
             "final_metrics": {"loss": float(np.mean(losses))}}
     model.eval()
@@ -249,12 +252,16 @@ def _run_child(stage: str, args) -> dict:
 
 
 def markdown(payload: dict) -> str:
-    text = [f"Machine: {payload['machine']['cpu']}, {payload['machine']['cores']} cores; date {payload['machine']['date']}. "
+    machine = payload["machine"]
+    evaluated = (f"the first {payload['eval_limit']} train / test images" if payload.get("eval_limit")
+                 else "the 60000 train / 10000 test images")
+    text = [f"Machine: {machine['cpu']}, {machine['cores']} cores; date {machine['date']}. "
             f"Fashion-MNIST, small CNN (128 features), {payload['epochs']} epoch(s) on "
-            f"{payload['train_images']} training images, seed {payload['seed']}, batch {RECIPE['batch']}, expander {RECIPE['expander']}, "
+            f"{payload['train_images']} training images, seed {payload['seed']}, batch {RECIPE['batch']}, "
+            f"expander {RECIPE['expander']}, "
             f"LARS + warmup-cosine (configs/fashion_mnist.py). kNN k=20 cosine T=0.07 and a linear probe "
             f"({payload['probe_epochs']} epochs, NumPy) on the features of "
-            f"{'the first %d train / test images' % payload['eval_limit'] if payload.get('eval_limit') else 'the 60000 train / 10000 test images'}. "
+            f"{evaluated}. "
             f"Rows trained {payload.get('jobs', 1)} at a time (wall times share the 2 cores and other users' load).\n"]
     rows = []
     for stage, r in payload["rows"].items():
@@ -264,7 +271,8 @@ def markdown(payload: dict) -> str:
         wall = f"{r['train_s']:.0f}" if r.get("train_s") else "-"
         speed = f"{r['steps'] * RECIPE['batch'] / r['train_s']:.0f}" if r.get("train_s") else "-"
         rows.append([LABELS[stage], f"{100 * r['linear']:.1f}", f"{100 * r['knn']:.1f}", wall, speed])
-    text.append(md_table(["representation", "linear probe top-1 %", "kNN-20 top-1 %", "training wall s", "train images/s"], rows))
+    text.append(md_table(["representation", "linear probe top-1 %", "kNN-20 top-1 %", "training wall s",
+                          "train images/s"], rows))
     return "\n".join(text)
 
 
@@ -272,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs, the same for every trained row (configs/fashion_mnist.py: 5)")
+    parser.add_argument("--epochs", type=int, default=5,
+                        help="training epochs, the same for every trained row (configs/fashion_mnist.py: 5)")
     parser.add_argument("--limit", type=int, default=0, help="train on the first N training images (0: all 60000)")
     parser.add_argument("--only", default=",".join(STAGES), help="rows to compute, from " + ",".join(STAGES))
     parser.add_argument("--probe-epochs", type=int, default=30)

@@ -132,7 +132,9 @@ def order(source, batch_size: int, *, epochs: int | None, steps_per_epoch: int |
         epoch_records = source.epoch_records(worker, workers)  # once: a cached source's cache is built here
     else:  # a tf.data dataset (`view_pairs`): one process reads it all, in fixed windows
         records = source.records()
-        epoch_records = lambda seed: records
+
+        def epoch_records(seed):
+            return records
     local_batch = stop - start
 
     def shuffled(epoch):
