@@ -103,10 +103,11 @@ def _matmul_gflops(mm, n: int, calls: int = 10) -> float:
 
 
 def _tf_child(task: dict) -> dict:
+    import vicreg_tf  # first, as users do: it decides TensorFlow's oneDNN default
+
+    # isort: split
     import numpy as np
     import tensorflow as tf
-
-    import vicreg_tf  # first, as users do: it decides TensorFlow's oneDNN default
 
     if task["what"] == "matmul":
         n = task["n"]

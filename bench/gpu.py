@@ -160,8 +160,8 @@ def emulated_cells() -> list[dict]:
 
 
 CHOICE = r"""
-import json, sys, time, keras, numpy as np, tensorflow as tf
 import vicreg_tf
+import json, sys, time, keras, numpy as np, tensorflow as tf
 from vicreg_tf import gpu_emulation as emulation
 sys.path.insert(0, ".")
 from bench.gpu import _step_time
@@ -212,6 +212,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "gpu"))
     args = parser.parse_args(argv)
+    import vicreg_tf  # noqa: F401  first, as users do: it decides TensorFlow's oneDNN default
+
+    # isort: split
     import tensorflow as tf
 
     from bench.streaming import cpu_flags

@@ -24,12 +24,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# isort: off
+from vicreg_tf import data  # noqa: E402  first, as users do: it decides TensorFlow's oneDNN default
+from vicreg_tf.data import records as records_module  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from vicreg_tf import data  # noqa: E402
-from vicreg_tf.data import records as records_module  # noqa: E402
+# isort: on
 
 CLASSES, PER_CLASS, FILES = 10, 200, 8
 

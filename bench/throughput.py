@@ -166,11 +166,13 @@ def _serve(step, components, profile=None) -> None:
 
 
 def _tf_worker(spec: dict) -> None:
+    import vicreg_tf  # first, as users do (each variant sets TF_ENABLE_ONEDNN_OPTS itself)
+
+    # isort: split
     import keras
     import numpy as np
     import tensorflow as tf
 
-    import vicreg_tf  # first, as users do (each variant sets TF_ENABLE_ONEDNN_OPTS itself)
     from vicreg_tf import backbones
 
     if spec.get("mixed_precision"):

@@ -28,11 +28,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
+# isort: off
 from vicreg_tf import data  # noqa: E402  first: it decides TensorFlow's oneDNN default
 from vicreg_tf.transfer import load_backbone, set_trainable  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+# isort: on
 
 
 def fashion_mnist(data_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

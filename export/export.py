@@ -84,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # TensorFlow is imported only once the arguments are known to be good: it takes seconds.
     with quiet_tensorflow_startup():
+        import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
+
+        # isort: split
         import keras
         import tensorflow as tf
-
-        import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
 
         tf.config.list_physical_devices()
     from absl import logging as absl_logging

@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     from vicreg_tf._startup import quiet_tensorflow_startup
 
     with quiet_tensorflow_startup():
-        import tensorflow  # noqa: F401
-
         import vicreg_tf  # noqa: F401  first: it decides TensorFlow's oneDNN default
+
+        # isort: split
+        import tensorflow  # noqa: F401
     from vicreg_tf.atomic_io import save_keras_file
     from vicreg_tf.serving import export_for_serving
     from vicreg_tf.transfer import from_torch_checkpoint

@@ -271,3 +271,34 @@ def test_a_method_is_its_class_and_one_registry_entry():
     for name in METHODS:
         config.model.method = name
         assert isinstance(build_module.make_model(config, total_steps=2), BaseMethod), name
+
+
+def test_programs_benchmarks_and_examples_import_vicreg_tf_before_tensorflow():
+    """vicreg_tf decides TensorFlow's oneDNN default when it is imported first; isort would sort it last."""
+    import ast
+
+    files = [REPO / "tests" / "conftest.py", *(REPO / "bench").glob("*.py"), *(REPO / "examples").glob("*.py"),
+             *(REPO / "export").glob("*.py"), REPO / "trainers" / "cli.py"]
+    late = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        # Where a process starts importing: module level, the programs' quiet start-up blocks, the entry
+        # points of benchmark processes.
+        entries = [n for n in ast.walk(tree) if isinstance(n, ast.With)
+                   or (isinstance(n, ast.FunctionDef) and (n.name == "main" or n.name.startswith("_tf_")))]
+        module_first = None
+        for block in [tree, *entries]:
+            if block is not tree and module_first == "vicreg_tf":
+                break  # imported first at module level: the process has it before anything else
+            first = None
+            for node in getattr(block, "body", []):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                heavy = [n.split(".")[0] for n in names if n.split(".")[0] in ("tensorflow", "keras", "vicreg_tf")]
+                if heavy and first is None:
+                    first = heavy[0]
+                if first not in (None, "vicreg_tf") and "vicreg_tf" in heavy:
+                    late.append(f"{path.relative_to(REPO)}:{node.lineno}")
+            if block is tree:
+                module_first = first
+    assert not late, f"vicreg_tf imported after TensorFlow or Keras in: {late}"

@@ -124,3 +124,4 @@ def _load(path: Path) -> keras.Model:
 
 
 # The official VICReg checkpoints (PyTorch .pth) as Keras backbones; needs torch only when called.
+from vicreg_tf.torch_import import from_torch_checkpoint  # noqa: E402,F401  (re-exported)
