@@ -40,7 +40,7 @@ class BaseMethod(keras.Model):
     `call(x)` returns the backbone's features, so `predict` and export give
     representations. `fit` takes a dataset of `(view_a, view_b)` batches (or
     `((view_a, view_b), labels)`, labels ignored), or the crops of
-    `vicreg_tf.training.view_pair_batches(device_views=True)`. Under any
+    `vicreg_tf.data.view_pair_batches(device_views=True)`. Under any
     `tf.distribute` strategy the embeddings are all-gathered across replicas
     before the loss (`gather`), the loss is divided by the number of replicas
     before the gradient (Keras sums gradients across replicas), and a step whose

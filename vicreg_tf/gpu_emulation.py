@@ -191,13 +191,13 @@ def build_cell_model(method: str, device_views=None):
 
 
 def _batches(views, device: bool, steps: int, seed: int):
-    from vicreg_tf import data, training
+    from vicreg_tf import data
 
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (4 * GLOBAL_BATCH, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     source = data.ArraySource(images, np.zeros(len(images), np.int64))
-    return training.view_pair_batches(source, views, GLOBAL_BATCH, steps_per_epoch=steps, epochs=1, seed=seed,
-                                      device_views=device)
+    return data.view_pair_batches(source, views, GLOBAL_BATCH, steps_per_epoch=steps, epochs=1, seed=seed,
+                                  device_views=device)
 
 
 def _nan_batch(views, device: bool):
