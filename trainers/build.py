@@ -140,15 +140,18 @@ def training_device_kind(strategy) -> str:
     return "TPU" if "TPU" in names else "GPU" if "GPU" in names else "CPU"
 
 
+def _read_cpuinfo() -> str:
+    """/proc/cpuinfo, or "" where there is none (not Linux: no flags to tell)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
     """Whether this CPU computes bfloat16 natively (the avx512_bf16 or amx_bf16 flag in /proc/cpuinfo)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:  # not Linux: no way to tell, so no
-            return False
-    flags = set(cpuinfo.split())
+    flags = set((_read_cpuinfo() if cpuinfo is None else cpuinfo).split())
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
@@ -248,16 +251,11 @@ def describe_devices(strategy) -> str:
         return ", ".join(f"{count} x {name}" for name, count in counted.items())
     if kind == "TPU":
         return f"{strategy.num_replicas_in_sync} x TPU"
-    model, flags = "CPU", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                     model)
-        present = set(info.split())
-        flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in present]
-    except OSError:
-        pass
+    info = _read_cpuinfo()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 "CPU")
+    present = set(info.split())
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in present]
     return f"{os.cpu_count()} cores of {model}" + (f" ({', '.join(flags)})" if flags else "")
 
 

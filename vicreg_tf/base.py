@@ -201,20 +201,16 @@ class BaseMethod(keras.Model):
             from vicreg_tf.data.pipeline import views_from_crops as device_view_pairs
 
             data = device_view_pairs(self.device_views, data)
-        if not (isinstance(data, (tuple, list)) and len(data) in (2, 3)):
-            received = type(data).__name__ + (f" of length {len(data)}" if isinstance(data, (tuple, list)) else "")
-            raise ValueError(
-                f"VICReg expects batches of two views (view_a, view_b), got a {received}; "
-                "build the dataset with vicreg_tf.data.view_pairs or map images to two views"
-            )
-        x, y, _ = keras.utils.unpack_x_y_sample_weight(tuple(data))
+        sequence = isinstance(data, (tuple, list))
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(tuple(data)) if sequence and len(data) in (2, 3) else (None,) * 3
         if isinstance(x, (tuple, list)) and len(x) == 2:
             view_a, view_b = x  # ((view_a, view_b), labels[, weights]): only the views are used
-        elif len(data) == 2:
+        elif sequence and len(data) == 2:
             view_a, view_b = x, y
         else:
+            received = type(data).__name__ + (f" of length {len(data)}" if sequence else "")
             raise ValueError(
-                f"VICReg expects batches of two views (view_a, view_b), got a tuple of length {len(data)}; "
+                f"VICReg expects batches of two views (view_a, view_b), got a {received}; "
                 "build the dataset with vicreg_tf.data.view_pairs or map images to two views"
             )
         return self._check_views(view_a, view_b)
@@ -361,15 +357,18 @@ class BaseMethod(keras.Model):
     def jit_compile(self):
         return keras.Model.jit_compile.fget(self)
 
+    def _xla_refusal(self) -> str:
+        return xla_refusal(getattr(self, "device_views", None) is not None, tf.distribute.get_strategy())
+
     @jit_compile.setter
     def jit_compile(self, value):
-        refusal = xla_refusal(getattr(self, "device_views", None) is not None, tf.distribute.get_strategy())
+        refusal = self._xla_refusal()
         if value and refusal:
             raise ValueError(f"jit_compile=True cannot work here: {refusal}; use jit_compile=False")
         keras.Model.jit_compile.fset(self, value)
 
     def _resolve_auto_jit_compile(self):
-        if xla_refusal(getattr(self, "device_views", None) is not None, tf.distribute.get_strategy()):
+        if self._xla_refusal():
             return False
         return super()._resolve_auto_jit_compile()
 

@@ -24,7 +24,7 @@ import keras
 import tensorflow as tf
 
 from vicreg_tf import compat
-from vicreg_tf.base import BaseMethod
+from vicreg_tf.base import BaseMethod, feature_shape
 from vicreg_tf.batchnorm import use_fused_batchnorm
 from vicreg_tf.losses import (
     ENTROPY_ESTIMATORS,
@@ -248,8 +248,6 @@ class BYOL(_Predicting):
         self.target_projector = keras.models.clone_model(self.projector)
         for target in (self.target_backbone, self.target_projector):
             use_fused_batchnorm(target, self.fused_batchnorm)
-        from vicreg_tf.base import feature_shape
-
         shape = feature_shape(self.target_backbone)
         if shape is not None and not self.target_projector.built:
             self.target_projector.build(shape)
