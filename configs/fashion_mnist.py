@@ -44,6 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.path = ""  # data_dir (fashion_mnist, tfds), the image folder, or a TFRecord file pattern
     config.data.eval_path = ""  # folder / TFRecords: separate evaluation data ("": a held-out share of path)
     config.data.eval_fraction = 0.1  # folder without eval_path: share of files held out (by a hash of the name)
+    # Folders: at start-up 64 files drawn at random are decoded; more than this share failing stops the
+    # run in one line (below it, each unreadable file becomes a gray image, named once per epoch).
+    config.data.max_bad_fraction = 0.5
     config.data.train_split = "train"
     config.data.eval_split = "test"
     config.data.image_size = 28
@@ -117,7 +120,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     config.eval.knn_every = 2  # epochs between kNN monitor runs (0: off)
     config.eval.knn_k = (20, 200)
-    config.eval.knn_max_train = 10000  # train images used by the kNN monitor
+    # The kNN monitor's bank and queries: random samples of the training and evaluation splits (drawn
+    # by config.seed), so a million-file folder costs what a small one does (0: all of a split).
+    config.eval.knn_max_train = 10000
+    config.eval.knn_max_eval = 10000
     config.eval.linear_epochs = 30
     config.eval.fine_tune_epochs = 0  # 0: skip fine-tuning
     config.eval.label_fractions = ()  # e.g. (0.01, 0.1) for the semi-supervised protocol

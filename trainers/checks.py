@@ -18,6 +18,7 @@ VERBOSE_CHOICES = ("auto", "0", "1", "2")
 # config passed in directly, `setting` gives the default. Not part of the experiment's fingerprint.
 PROGRAM_DEFAULTS = {
     "data.max_bad_fraction": 0.5,  # the share of sampled image files that may fail to decode
+    "eval.knn_max_eval": 10000,  # evaluation images the kNN monitor classifies (a random sample)
 }
 # Image files decoded at start-up to tell a folder of images from one of something else.
 SAMPLED_FILES = 64
@@ -91,7 +92,7 @@ def validate_config(config) -> None:
         "data.shuffle_buffer": positive_int,
         "optimizer.warmup_epochs": count,
         "eval.knn_every": (count[0], "an int >= 0 (0: off)"),
-        "eval.knn_max_train": count,
+        "eval.knn_max_train": (count[0], "an int >= 0 (0: the whole training split)"),
         "eval.linear_epochs": positive_int,
         "eval.fine_tune_epochs": count,
     }.items():
@@ -115,6 +116,8 @@ def validate_config(config) -> None:
         check(f"model.{name}", lambda v: is_number(v) and v >= 0, "a number >= 0")
     check("eval.knn_k", lambda v: len(v) > 0 and all(is_int(k) and k > 0 for k in v), "a list of positive ints")
     check("eval.label_fractions", lambda v: all(is_number(f) and 0 < f <= 1 for f in v), "fractions in (0, 1]")
+    if "knn_max_eval" in config.eval:
+        check("eval.knn_max_eval", count[0], "an int >= 0 (0: the whole evaluation split)")
     if "max_bad_fraction" in config.data:
         check("data.max_bad_fraction", lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]")
     check("training.mixed_precision", lambda v: v in _POLICIES, f"one of {list(_POLICIES)}")

@@ -103,8 +103,11 @@ def train(config, workdir: str | os.PathLike) -> dict:
     if source.labelled:
         eval_source = build.load_source(config, config.data.eval_split)
         geometry = (config.data.image_size, config.data.eval_crop_fraction)
-        train_batches = build.labelled_batches(source.images(*geometry), eval_batch, limit=config.eval.knn_max_train)
-        eval_batches = build.labelled_batches(eval_source.images(*geometry), eval_batch)
+        # Random samples (fixed by the seed), never the first files of a class-sorted folder.
+        train_batches = build.labelled_batches(
+            source.sample(config.eval.knn_max_train, config.seed).images(*geometry), eval_batch)
+        eval_batches = build.labelled_batches(
+            eval_source.sample(checks.setting(config, "eval.knn_max_eval"), config.seed).images(*geometry), eval_batch)
         if config.eval.knn_every and role.is_chief:  # the chief reports for the cluster
             # First in the list, so the logs it adds reach the CSV log and TensorBoard.
             callbacks.insert(0, evaluation.KNNMonitor(
@@ -155,8 +158,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
             tf.io.gfile.copy(join(workdir, name), join(plots, name), overwrite=True)
     if os.path.exists(join(plots, "log.csv")):
         evaluation.plot_loss_terms(join(plots, "log.csv"), join(plots, "loss_terms.png"))
-    probe = eval_batches or build.labelled_batches(
-        source.images(config.data.image_size, config.data.eval_crop_fraction), eval_batch)
+    probe = eval_batches or build.labelled_batches(  # held-out images; unlabelled: a sample of the training ones
+        source.sample(4096, config.seed).images(config.data.image_size, config.data.eval_crop_fraction), eval_batch)
     embeddings = np.concatenate([
         model.projector(model.backbone(x, training=False), training=False).numpy()
         for x, _ in probe.take(max(1, 4096 // eval_batch))

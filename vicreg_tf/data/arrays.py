@@ -88,6 +88,10 @@ class ArraySource(_Source):
     def items(self):
         return tf.constant(self.array), tf.constant(self.labels)
 
+    def subset(self, indices) -> "ArraySource":
+        indices = np.asarray(indices, np.int64)
+        return ArraySource(self.array[indices], self.labels[indices], name=self.name)
+
     def limited(self, n: int) -> "ArraySource":
         return self if n >= self.count else ArraySource(self.array[:n], self.labels[:n], name=self.name)
 

@@ -1,6 +1,7 @@
 """What every source is: a count, its channels, its items (or records), its evaluation images."""
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from vicreg_tf import arguments
@@ -61,6 +62,23 @@ class _Source:
     def limited(self, n: int) -> "_Source":
         """The first `n` images only (smoke runs); the source itself if it has at most `n`."""
         raise NotImplementedError
+
+    def subset(self, indices) -> "_Source":
+        """The items at `indices` (random-access sources)."""
+        raise NotImplementedError
+
+    def sample(self, n: int, seed: int = 0) -> "_Source":
+        """At most `n` items drawn by `seed` without replacement, kept in stored order; `n` = 0: all of them.
+
+        What evaluation probes take (the kNN monitor's bank and queries, the end-of-run
+        spectrum): a class-sorted folder's first `n` files would hold a few classes.
+        Record sources (no random access) give their first `n` records.
+        """
+        if not n or n >= self.count:
+            return self
+        if not self.random_access:
+            return self.limited(n)
+        return self.subset(np.sort(np.random.default_rng(seed).choice(self.count, n, replace=False)))
 
     def encoded_items(self) -> tf.data.Dataset:
         items, labels = self.items()

@@ -15,8 +15,34 @@ from vicreg_tf.data.base import _Source
 from vicreg_tf.data.images import EVAL_CROP_FRACTION, IMAGE_EXTENSIONS, NO_LABEL, _decode_full, eval_transform
 
 
-def _list_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def _list_images(root: str) -> list[str]:
+    """The image files under `root` (recursive), as '/'-separated paths relative to it, in `Path` order.
+
+    One `os.scandir` per directory and no `stat` per file (the directory entry's
+    type says file or folder): at a million files the listing costs one pass over
+    the directories and about 100 bytes per name (docs/DATA.md, "Folders at scale").
+    Symbolic links to folders are followed once each. Sorted as `pathlib` sorts
+    (part by part: "a/x" before "a-b/x"), so indices match earlier versions.
+    """
+    names: list[str] = []
+    seen: set[str] = set()
+    pending = [""]
+    while pending:
+        prefix = pending.pop()
+        with os.scandir(os.path.join(root, prefix) if prefix else root) as entries:
+            for entry in entries:
+                relative = prefix + entry.name
+                if entry.is_dir():
+                    if entry.is_symlink():
+                        target = os.path.realpath(entry.path)
+                        if target in seen:
+                            continue
+                        seen.add(target)
+                    pending.append(relative + "/")
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    names.append(relative)
+    names.sort(key=lambda name: name.replace("/", "\0"))
+    return names
 
 
 def _readable(paths: list[str], channels: int) -> np.ndarray:
@@ -153,39 +179,41 @@ class FolderSource(_Source):
         root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a folder")
-        files = _list_images(root)
-        if not files:
+        relative = _list_images(str(root))
+        if not relative:
             raise ValueError(
                 f"no image files under {str(root)!r} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
             )
-        relative = [f.relative_to(root) for f in files]
-        in_subfolders = all(len(r.parts) >= 2 for r in relative)
+        first_parts = [r.partition("/") for r in relative]
+        in_subfolders = all(slash for _, slash, _ in first_parts)
         if labels == "folders" and not in_subfolders:
-            loose = [str(r) for r in relative if len(r.parts) < 2][:3]
+            loose = [r for r, (_, slash, _) in zip(relative, first_parts) if not slash][:3]
             raise ValueError(f"labels='folders' needs every image inside a class sub-folder of {root}; found {loose}")
         if labels != "none" and in_subfolders:
-            self.classes = sorted({r.parts[0] for r in relative})
+            self.classes = sorted({folder for folder, _, _ in first_parts})
             ids = {c: k for k, c in enumerate(self.classes)}
-            targets = np.array([ids[r.parts[0]] for r in relative], np.int32)
+            targets = np.fromiter((ids[folder] for folder, _, _ in first_parts), np.int32, len(relative))
         else:
             self.classes = []
-            targets = np.full(len(files), NO_LABEL, np.int32)
+            targets = np.full(len(relative), NO_LABEL, np.int32)
+        del first_parts
         if split != "all":
-            held = np.array([_held_out(r.as_posix(), eval_fraction) for r in relative], bool)
+            held = np.fromiter((_held_out(r, eval_fraction) for r in relative), bool, len(relative))
             keep = held if split == "eval" else ~held
-            files = [f for f, k in zip(files, keep) if k]
+            total = len(relative)
+            relative = [r for r, k in zip(relative, keep) if k]
             targets = targets[keep]
-            if not files:
+            if not relative:
                 raise ValueError(
-                    f"the {split!r} split of {str(root)!r} is empty ({len(relative)} files, "
+                    f"the {split!r} split of {str(root)!r} is empty ({total} files, "
                     f"eval_fraction={eval_fraction}); use split='all' or another eval_fraction"
                 )
-        super().__init__(len(files), channels, labelled=bool(self.classes))
+        super().__init__(len(relative), channels, labelled=bool(self.classes))
         self.root = root.resolve()
         self.split = split
-        self.names = [str(f) for f in files]
+        prefix = os.path.join(str(root), "")
+        self.names = [prefix + r for r in relative]
         self.labels = targets
-        self.bytes_on_disk = sum(f.stat().st_size for f in files)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.root), "split": self.split, "count": self.count}
@@ -199,13 +227,15 @@ class FolderSource(_Source):
         ok = _readable([self.names[i] for i in np.sort(picked)], self.channels)
         return int(np.count_nonzero(~ok)), len(picked)
 
-    def limited(self, n: int) -> "FolderSource":
-        if n >= self.count:
-            return self
+    def subset(self, indices) -> "FolderSource":
+        indices = np.asarray(indices, np.int64)
         clone = object.__new__(FolderSource)
         clone.__dict__.update(self.__dict__)
-        clone.names, clone.labels, clone.count = self.names[:n], self.labels[:n], n
+        clone.names, clone.labels, clone.count = [self.names[i] for i in indices], self.labels[indices], len(indices)
         return clone
+
+    def limited(self, n: int) -> "FolderSource":
+        return self if n >= self.count else self.subset(np.arange(n))
 
     def items(self):
         return tf.constant(self.names), tf.constant(self.labels)
