@@ -289,14 +289,28 @@ def make_views(config, seed: int | None = None):
 
 
 def make_backbone(config):
+    """The configured backbone. `config.model.backbone_kwargs` it does not take are left out, with a warning:
+    they belong to the config's own backbone when `--config.model.backbone=` picked another one (a
+    command line cannot remove a key)."""
+    import inspect
+
     from vicreg_tf import backbones
 
     size = config.data.image_size
     kwargs = dict(config.model.backbone_kwargs)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    return backbones.build_backbone(
-        config.model.backbone, input_shape=(size, size, config.data.channels), **kwargs
-    )
+    name = config.model.backbone
+    builder = backbones.BACKBONES.get(name)
+    if builder is not None:
+        parameters = inspect.signature(builder).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            foreign = sorted(set(kwargs) - set(parameters))
+            if foreign:
+                takes = ", ".join(k for k in parameters if k not in ("input_shape", "name"))
+                print(f"warning: config.model.backbone_kwargs {', '.join(foreign)} left out: {name} does not take "
+                      f"them (it takes {takes})", file=sys.stderr, flush=True)
+                kwargs = {k: v for k, v in kwargs.items() if k not in foreign}
+    return backbones.build_backbone(name, input_shape=(size, size, config.data.channels), **kwargs)
 
 
 def _lars(schedule, opt):
