@@ -369,6 +369,7 @@ def main(argv=None) -> dict:
                               f"{r['median_mb']:.0f} MB, max {r['max_mb']:.0f} MB" for r in result["memory"]), ""]
     lines.append(f"CPU: {result['cores']} cores, flags {result['cpu_flags']}")
     print("\n".join(lines))
+    shutil.rmtree(folder, ignore_errors=True)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "records.json").write_text(json.dumps(result, indent=1))
