@@ -112,3 +112,20 @@ def test_knn_max_eval_must_be_a_count(bad):
     config.eval.knn_max_eval = bad
     with pytest.raises(ValueError, match=r"config.eval.knn_max_eval must be an int >= 0 \(0: the whole evaluation"):
         checks.validate_config(config)
+
+
+# -- the end-of-run summary ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(300, 40), (40, 300)])
+def test_the_spectrum_matches_lapack_s_svd_for_tall_and_wide_embeddings(shape):
+    from vicreg_tf import evaluation
+
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(shape) @ np.diag(np.logspace(0, -5, shape[1])) + 3.0
+    expected = np.linalg.svd(z - z.mean(axis=0), compute_uv=False)
+    got = evaluation.singular_values(z)
+    assert got.shape == expected.shape == (min(shape),)
+    np.testing.assert_allclose(got[expected > 1e-6 * expected[0]], expected[expected > 1e-6 * expected[0]],
+                               rtol=1e-9)
+    assert np.all(np.diff(got) <= 0)

@@ -32,9 +32,10 @@ import sys as _sys
 # hides its start-up notices, and answer --help without it: for them the names below load on
 # first use (PEP 562). Everyone else gets them at once, as before, with the Keras classes
 # (VICReg, the view layers, ...) registered for keras.saving.load_model.
-_CONSOLE_SCRIPTS = ("vicreg-train", "vicreg-eval", "vicreg-export", "vicreg-import", "vicreg-launch-local")
+_CONSOLE_SCRIPTS = ("vicreg-train", "vicreg-eval", "vicreg-export", "vicreg-import", "vicreg-launch-local",
+                    "vicreg-tfrecords")
 _PROGRAMS = ("trainers/pretrain.py", "trainers/linear_eval.py", "export/export.py", "export/import_torch.py",
-             "trainers/launch_local.py")
+             "trainers/launch_local.py", "trainers/tfrecords.py")
 _PROGRAM = (_sys.argv[0] if _sys.argv else "").replace(_os.sep, "/")
 # `python -m vicreg_tf.trainers.pretrain`: this package loads while sys.argv[0] is still "-m".
 _ORIG_ARGV = list(getattr(_sys, "orig_argv", []))

@@ -8,6 +8,10 @@ memory, until a view is made; docs/DATA.md):
     RecordSource.from_tfrecords(glob)    records.py   TFRecord files of tf.train.Example
     ArraySource(images, labels)          arrays.py    uint8 arrays in memory (Fashion-MNIST)
 
+`folder_to_tfrecords(folder, output)` (convert.py; the `vicreg-tfrecords` program) writes a
+folder once as shuffled TFRecord files with an index, the path past ~10^6 files or for object
+storage; `index_tfrecords(pattern)` indexes TFRecords made elsewhere.
+
 `view_pair_batches(source, two_views, batch, ...)` (pipeline.py) turns a source
 into each worker's rows of the global `(view_a, view_b)` batches, in three stages:
 `order` (which items form global batch t of epoch e, from (seed, epoch)),
@@ -28,6 +32,7 @@ unreadable-image report are in images.py; the common source interface in base.py
 """
 from vicreg_tf.data.arrays import ArraySource, from_arrays
 from vicreg_tf.data.batches import eval_batches, view_pairs
+from vicreg_tf.data.convert import folder_to_tfrecords, index_tfrecords
 from vicreg_tf.data.fashion_mnist import (
     FASHION_MNIST_DIR,
     fashion_mnist,
@@ -94,4 +99,6 @@ __all__ = [
     "epoch_permutation",
     "windowed_permutation",
     "ceil_div",
+    "folder_to_tfrecords",
+    "index_tfrecords",
 ]
