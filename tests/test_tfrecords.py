@@ -309,3 +309,21 @@ def test_segments_compose_with_a_tfds_slice_of_each_file(tmp_path):
     sliced = data.RecordSource(files, plain._parse, 9, 3, True, description={}, skip_take=[(2, -1), (0, 2)],
                                segments=records_module.segment_table([9, 8], 3, skip_take=[(2, -1), (0, 2)]))
     assert sorted(_epoch_labels(sliced, window=1)) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+
+
+def test_a_sample_of_class_sorted_records_comes_from_all_over_the_set(tmp_path, counted_reads):
+    pattern = _class_sorted(tmp_path, files=4, classes=16, per_class=16)  # 256 records in class order
+    source = data.RecordSource.from_tfrecords(pattern, cache_mb=0, segment_records=8)
+    counted_reads.clear()
+    first = [int(label) for _, label in source.limited(32).encoded()]
+    drawn = [int(label) for _, label in source.sample(32, seed=1).encoded()]
+    assert len(set(first)) == 4  # the stored order: each file's first class (what the kNN bank took)
+    assert len(drawn) == 32 and len(set(drawn)) >= 12, drawn  # one record from each of 32 segments
+    assert drawn == [int(label) for _, label in source.sample(32, seed=1).encoded()]  # the same every time
+    assert drawn != [int(label) for _, label in source.sample(32, seed=2).encoded()]
+    assert source.sample(0) is source and source.sample(256) is source
+    counted_reads.clear()
+    assert len(list(source.sample(32, seed=3).encoded())) == 32
+    assert len(counted_reads) < 128, f"{len(counted_reads)} records read for a sample of 32 of 256"
+    whole = data.RecordSource.from_tfrecords(pattern, cache_mb=0, segment_records=None)  # files, not segments
+    assert len([1 for _ in whole.sample(32, seed=1).encoded()]) == 32

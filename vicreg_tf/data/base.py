@@ -72,7 +72,8 @@ class _Source:
 
         What evaluation probes take (the kNN monitor's bank and queries, the end-of-run
         spectrum): a class-sorted folder's first `n` files would hold a few classes.
-        Record sources (no random access) give their first `n` records.
+        Record sources (no random access) override it: the first `n` records of their
+        segments in an order drawn by `seed`.
         """
         if not n or n >= self.count:
             return self

@@ -268,6 +268,7 @@ class RecordSource(_Source):
     kind = "records"
     random_access = False
     _limit = 0
+    _sample_seed: int | None = None
 
     def __init__(self, files: Sequence[str], parse, count: int, channels: int, labelled: bool, *,
                  description: dict, bytes_on_disk: int = 0, cache_mb: float = 1024,
@@ -324,9 +325,25 @@ class RecordSource(_Source):
         return len(self.segments) > len(self.files)
 
     def records(self) -> tf.data.Dataset:
-        """(encoded bytes, int32 label) of every file, in the stored order."""
+        """(encoded bytes, int32 label) of every file, in the stored order (a `sample`: its records)."""
+        if self._sample_seed is not None:
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(len(self.segments), dtype=tf.int64), seed=tf.constant([self._sample_seed, -4], tf.int64))
+            records = self._read_segments(tf.gather(tf.constant(self.segments), order), len(self.segments))
+            return records.take(self._limit)
         records = self._read(tf.constant(self.files), tf.constant(self._skip_take), len(self.files))
         return records.take(self._limit) if self._limit else records
+
+    def sample(self, n: int, seed: int = 0) -> "RecordSource":
+        """At most `n` records from all over the set (`n` = 0: all): the first `n` of its segments read
+        CYCLE_LENGTH at a time in an order drawn by `seed` (files, when none is split), so a
+        class-sorted set's sample is not its first classes. Reads about `n` records, the same ones
+        every time."""
+        if not n or n >= self.count:
+            return self
+        clone = self.limited(n)
+        clone._sample_seed = int(seed)
+        return clone
 
     def epoch_records(self, worker: int = 0, workers: int = 1):
         """A function (2,) epoch seed -> this worker's records of that epoch, before the windows' shuffle.
