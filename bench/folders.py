@@ -35,12 +35,12 @@ import argparse
 import io
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench import cpu_flags
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -112,16 +112,6 @@ out["summary_images"] = timed("summary_s", summary)
 out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 print(json.dumps(out))
 """
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    model = re.search(r"model name\s*:\s*(.*)", text)
-    flags = sorted(set(re.findall(r"\b(avx2|avx512[a-z_0-9]*|amx[a-z_0-9]*)\b", text)))
-    return f"{model.group(1).strip() if model else 'CPU'}, {os.cpu_count()} cores ({', '.join(flags) or 'no AVX2'})"
 
 
 def make_folder(root: Path, count: int) -> Path:

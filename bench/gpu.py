@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     # isort: split
     import tensorflow as tf
 
-    from bench.streaming import cpu_flags
+    from bench import cpu_flags
 
     gpus = tf.config.list_physical_devices("GPU")
     rows = []

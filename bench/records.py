@@ -47,6 +47,8 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bench import cpu_flags  # noqa: E402  (no TensorFlow)
+
 # isort: off
 from vicreg_tf import data  # noqa: E402  first, as users do: it decides TensorFlow's oneDNN default
 from vicreg_tf.data import convert  # noqa: E402
@@ -290,12 +292,6 @@ def memory(folder: Path) -> list[dict]:
     return rows
 
 
-def cpu_flags() -> str:
-    found = subprocess.run(["grep", "-o", r"avx512[a-z_0-9]*\|amx[a-z_]*", "/proc/cpuinfo"], capture_output=True,
-                           text=True).stdout.split()
-    return " ".join(sorted(set(found)))
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the small set")
@@ -305,7 +301,8 @@ def main(argv=None) -> dict:
     folder = Path(tempfile.mkdtemp(prefix="vicreg-records-"))
     result = {"segment_records_default": records_module.SEGMENT_RECORDS, "cycle_length": records_module.CYCLE_LENGTH,
               "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "sets": {}}
-    lines = []
+    lines = [f"CPU: {result['cpu_flags']}; {result['cores']} cores. `python -m bench.records "
+             f"{' '.join(argv if argv is not None else sys.argv[1:])}`", ""]
     for name, epochs in (("small", args.epochs), ("large", args.large_epochs)):
         spec = SETS[name]
         pattern = write_class_sorted(folder / name, spec["classes"], spec["per_class"], spec["files"], spec["image"])

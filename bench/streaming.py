@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench import cpu_flags
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -117,13 +117,6 @@ def trainer(folder: Path, workdir: Path) -> dict:
     result = subprocess.run([sys.executable, "-c", TRAINER, *command], capture_output=True, text=True,
                             env=_env(), cwd=REPO)
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.*)", text)
-    flags = sorted(set(re.findall(r"\b(avx512[a-z_0-9]*|amx[a-z_]*)\b", text)))
-    return f"{model.group(1) if model else platform.processor()}; flags: {' '.join(flags) or 'no AVX-512/AMX'}"
 
 
 def markdown(payload: dict) -> str:
