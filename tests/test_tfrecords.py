@@ -324,6 +324,12 @@ def test_a_sample_of_class_sorted_records_comes_from_all_over_the_set(tmp_path, 
     assert source.sample(0) is source and source.sample(256) is source
     counted_reads.clear()
     assert len(list(source.sample(32, seed=3).encoded())) == 32
-    assert len(counted_reads) < 128, f"{len(counted_reads)} records read for a sample of 32 of 256"
+    assert len(counted_reads) == 32, f"{len(counted_reads)} records read for a sample of 32 of 256"
+    counted_reads.clear()
+    assert len(list(source.sample(20, seed=3).encoded())) == 20  # fewer than the segments: 20 of them, one each
+    assert len(counted_reads) == 20
+    counted_reads.clear()
+    assert len(list(source.sample(100, seed=3).encoded())) == 100  # 4 from each of 25 segments
+    assert len(counted_reads) == 100
     whole = data.RecordSource.from_tfrecords(pattern, cache_mb=0, segment_records=None)  # files, not segments
     assert len([1 for _ in whole.sample(32, seed=1).encoded()]) == 32
