@@ -39,15 +39,19 @@ demo: setup data
 	$(VENV)/bin/vicreg-train --config=$(CONFIG) --workdir=$(WORKDIR)
 	$(VENV)/bin/vicreg-eval --config=$(CONFIG) --backbone=$(WORKDIR)/backbone.keras
 
-# The linter first (ruff: pyflakes, pycodestyle, isort; pyproject.toml), then the suite.
+# The linter first (ruff: pyflakes, pycodestyle, isort; pyproject.toml), then the suite on
+# TEST_WORKERS processes (pytest-xdist), a test module per worker at a time (tests/conftest.py
+# orders the modules, longest first, and gives each worker its share of the cores).
+TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 lint: setup-test
 	$(VENV)/bin/ruff check .
 
 test: setup-test data lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 $(PARALLEL)
 
 test-fast: setup-test data
-	$(PY) -m pytest -q -m "not large"
+	$(PY) -m pytest -q -m "not large" $(PARALLEL)
 
 # All 192 cells of the GPU-path matrix (the default suite runs a covering subset of 17).
 test-gpu-matrix: setup-test data

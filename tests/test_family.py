@@ -327,7 +327,7 @@ def test_vicreg_train_runs_simsiam_from_the_command_line(tmp_path):
 
     result = run_python(
         ["-m", "trainers.pretrain", "--config=tiny", "--config.model.method=simsiam",
-         "--config.export.enabled=False", f"--workdir={tmp_path}"],
+         "--config.export.enabled=False", "--config.eval.knn_max_eval=256", f"--workdir={tmp_path}"],
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -185,10 +185,11 @@ def test_the_wheel_installs_only_vicreg_tf(wheel):
 @pytest.mark.large
 def test_a_non_editable_install_trains_and_exports_from_another_directory(wheel, tmp_path):
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # Without pip of its own (ensurepip takes seconds): this environment's pip installs into it.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                             capture_output=True, text=True, timeout=300)
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                              "--no-index", str(wheel)], capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-2000:]
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                capture_output=True, text=True, check=True).stdout.strip())
@@ -197,13 +198,16 @@ def test_a_non_editable_install_trains_and_exports_from_another_directory(wheel,
     (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    where = subprocess.run([str(python), "-c", "import vicreg_tf, sys; print(vicreg_tf.__file__)"],
-                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    # Where `import vicreg_tf` loads from, found without running it (vicreg-train below imports it).
+    find = "import importlib.util; print(importlib.util.find_spec('vicreg_tf').origin)"
+    where = subprocess.run([str(python), "-c", find], capture_output=True, text=True, cwd=tmp_path, env=env,
+                           timeout=120)
     assert where.returncode == 0, where.stderr[-2000:]
     assert where.stdout.strip().startswith(str(site)), where.stdout
     workdir = tmp_path / "run"
     train = subprocess.run([str(venv / "bin" / "vicreg-train"), "--config=tiny", f"--workdir={workdir}",
-                            "--config.eval.knn_every=0", "--config.training.epochs=1"],
+                            "--config.eval.knn_every=0", "--config.eval.knn_max_eval=256", "--config.training.epochs=1",
+                            "--config.training.steps_per_epoch=2"],
                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]
     assert (workdir / "backbone.keras").exists()

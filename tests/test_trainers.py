@@ -22,8 +22,11 @@ SHIPPED = sorted(p.stem for p in (REPO / "configs").glob("*.py") if p.stem != "_
 FAST = [
     "--config.export.enabled=False",
     "--config.eval.knn_every=0",
+    "--config.eval.knn_max_eval=256",  # the summary's spectrum from 256 held-out images, not 4096
     "--config.training.deterministic=True",
 ]
+# The killed and the SIGTERM runs: 3 epochs of 16 steps (two passes over tiny's 512 images each).
+RESUMABLE = ["--config.training.epochs=3", "--config.training.steps_per_epoch=16"]
 
 
 def _config(name):
@@ -136,14 +139,19 @@ def _backup_epoch(workdir):
         return 0
 
 
-@pytest.mark.large
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
-    args = ["--config.training.epochs=4", "--config.data.limit=2048"]
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_train_cmd(straight, *args), env=_env(), cwd=REPO, check=True, timeout=300,
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted RESUMABLE run, which the killed and the SIGTERM runs must end equal to."""
+    workdir = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(_train_cmd(workdir, *RESUMABLE), env=_env(), cwd=REPO, check=True, timeout=300,
                    capture_output=True)
+    return workdir
 
-    proc = subprocess.Popen(_train_cmd(killed, *args), env=_env(), cwd=REPO,
+
+@pytest.mark.large
+def test_killed_run_resumes_to_the_same_weights(tmp_path, straight_run):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, *RESUMABLE), env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while _backup_epoch(killed) < 1 and proc.poll() is None and time.monotonic() < deadline:
@@ -151,46 +159,44 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     stopped_at = _backup_epoch(killed)
-    assert 1 <= stopped_at < 4 and not (killed / "backbone.keras").exists(), "the kill came too late"
+    assert 1 <= stopped_at < 3 and not (killed / "backbone.keras").exists(), "the kill came too late"
 
-    resumed = subprocess.run(_train_cmd(killed, *args), env=_env(), cwd=REPO, timeout=300,
+    resumed = subprocess.run(_train_cmd(killed, *RESUMABLE), env=_env(), cwd=REPO, timeout=300,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming after epoch {stopped_at}" in resumed.stdout
-    for a, b in zip(_weights(straight / "vicreg.keras"), _weights(killed / "vicreg.keras")):
+    for a, b in zip(_weights(straight_run / "vicreg.keras"), _weights(killed / "vicreg.keras")):
         np.testing.assert_allclose(a, b, atol=1e-6)
     epochs_logged = [int(row.split(",")[0]) for row in (killed / "log.csv").read_text().splitlines()[1:]]
-    assert epochs_logged[-(4 - stopped_at):] == list(range(stopped_at, 4)), epochs_logged
+    assert epochs_logged[-(3 - stopped_at):] == list(range(stopped_at, 3)), epochs_logged
     # The steps done after the backup, before the kill, are written once, by the rerun.
     steps = [int(row.split(",")[0]) for row in (killed / "steps.csv").read_text().splitlines()[1:]]
-    assert steps == list(range(1, 4 * 2048 // 64 + 1)), steps
+    assert steps == list(range(1, 3 * 16 + 1)), steps
 
 
-def test_sigterm_backs_up_at_the_next_step_and_the_rerun_ends_with_the_same_weights(tmp_path):
+def test_sigterm_backs_up_at_the_next_step_and_the_rerun_ends_with_the_same_weights(tmp_path, straight_run):
     from vicreg_tf import run_state
 
-    args = ["--config.training.steps_per_epoch=20", "--config.training.epochs=2"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    subprocess.run(_train_cmd(straight, *args), env=_env(), cwd=REPO, check=True, timeout=300, capture_output=True)
-
-    # The hook sends this process SIGTERM after global step 13 (epoch 0, 13 of 20 steps done).
+    stopped = tmp_path / "stopped"
+    # The hook sends this process SIGTERM after global step 13 (epoch 0, 13 of 16 steps done).
     env = dict(_env(), **{run_state.SIGTERM_AT_STEP_ENV: "13"})
-    first = subprocess.run(_train_cmd(stopped, *args), env=env, cwd=REPO, timeout=300, capture_output=True, text=True)
+    first = subprocess.run(_train_cmd(stopped, *RESUMABLE), env=env, cwd=REPO, timeout=300, capture_output=True,
+                           text=True)
     assert first.returncode == 143, first.stderr[-3000:]
     assert "preempted: stopped by SIGTERM after epoch 0 + 13 steps" in first.stderr
     assert json.loads((stopped / "backup" / "backup.json").read_text())["step"] == 13
     assert not (stopped / "vicreg.keras").exists()
 
-    resumed = subprocess.run(_train_cmd(stopped, *args), env=_env(), cwd=REPO, timeout=300,
+    resumed = subprocess.run(_train_cmd(stopped, *RESUMABLE), env=_env(), cwd=REPO, timeout=300,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming after epoch 0, step 13 of the next" in resumed.stdout
     model = keras.saving.load_model(stopped / "vicreg.keras", compile=True)
-    assert int(model.optimizer.iterations.numpy()) == 40  # 7 more steps of epoch 0, then 20
-    for a, b in zip(_weights(straight / "vicreg.keras"), model.get_weights()):
+    assert int(model.optimizer.iterations.numpy()) == 48  # 3 more steps of epoch 0, then 2 x 16
+    for a, b in zip(_weights(straight_run / "vicreg.keras"), model.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
     steps = [int(row.split(",")[0]) for row in (stopped / "steps.csv").read_text().splitlines()[1:]]
-    assert steps == list(range(1, 41)), steps  # no step done twice, none skipped
+    assert steps == list(range(1, 49)), steps  # no step done twice, none skipped
 
 
 def test_a_workdir_on_another_tensorflow_file_system_goes_through_gfile():

@@ -200,13 +200,8 @@ def _batches(views, device: bool, steps: int, seed: int):
                                   device_views=device)
 
 
-def _nan_batch(views, device: bool):
-    batch = next(iter(_batches(views, device, 1, seed=7)))
-    if device:
-        return batch
-    view_a, view_b = batch
-    view_a = tf.tensor_scatter_nd_update(view_a, [[0, 1, 1, 0]], [math.nan])
-    return view_a, view_b
+def _with_a_nan_pixel(view_a, view_b):
+    return tf.tensor_scatter_nd_update(view_a, [[0, 1, 1, 0]], tf.constant([math.nan], view_a.dtype)), view_b
 
 
 def _state(model) -> list[np.ndarray]:
@@ -254,8 +249,12 @@ def _run_cell(cell, strategy, augment):
             if "\n" in str(error).strip():
                 raise AssertionError(f"{cell.id}: the refusal is not one line: {error}") from error
             return {"status": "refused", "error": str(error)}
+    # One pipeline: two steps, then its third batch made non-finite (a NaN pixel on the host; on the
+    # device, the poison scale). Its batches have the training batches' spec: the NaN step runs the
+    # step function the two finite steps traced, as it would in a run.
+    batches = _batches(views, device, 3, seed=1)
     try:
-        history = model.fit(_batches(views, device, 2, seed=1), epochs=1, steps_per_epoch=2, verbose=0).history
+        history = model.fit(batches.take(2), epochs=1, steps_per_epoch=2, verbose=0).history
     except Exception as error:  # noqa: BLE001  anything but XLA's CPU collective error fails the cell
         if cell.xla and is_xla_cpu_collective_error(error):
             line = next(text for text in str(error).splitlines() if any(t in text for t in _XLA_CPU_COLLECTIVE_ERRORS))
@@ -269,7 +268,7 @@ def _run_cell(cell, strategy, augment):
         raise AssertionError(f"{cell.id}: weights not finite after two steps")
     if device:
         model.backbone.get_layer("poison").scale.assign(math.nan)
-    nan_batches = tf.data.Dataset.from_tensors(_nan_batch(views, device))
+    nan_batches = batches.skip(2) if device else batches.skip(2).map(_with_a_nan_pixel)
     if strategy is not None and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
