@@ -127,3 +127,23 @@ def two_cpu_strategy():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """Records read through `records.read_file` (every read of a record file by a source, per pipeline run
+    in this process): tests/test_sources.py and tests/test_tfrecords.py count reads with it."""
+    from vicreg_tf.data import records as records_module
+
+    reads = []
+    original = records_module.read_file
+
+    def counting(*args):
+        def tick():
+            reads.append(1)
+            return np.int64(0)
+
+        return original(*args).map(lambda record: (tf.py_function(tick, [], tf.int64), record)[1])
+
+    monkeypatch.setattr(records_module, "read_file", counting)
+    return reads

@@ -357,24 +357,6 @@ def _labelled_records(folder: Path, files: int, per_file: int) -> str:
     return str(folder / "train-*.tfrecord")
 
 
-@pytest.fixture
-def counted_reads(monkeypatch):
-    """Counts the records read from files, per worker pipeline run in this process."""
-    from vicreg_tf.data import records as records_module
-
-    reads = []
-    original = records_module.read_file
-
-    def counting(*args):
-        def tick():
-            reads.append(1)
-            return np.int64(0)
-
-        return original(*args).map(lambda record: (tf.py_function(tick, [], tf.int64), record)[1])
-
-    monkeypatch.setattr(records_module, "read_file", counting)
-    return reads
-
 
 def _labels_of_epochs(source, batch, rows, epochs, steps, seed=0, shuffle_buffer=16, start_epoch=0):
     batches = data.order(source, batch, epochs=epochs, steps_per_epoch=steps, seed=seed, shuffle_buffer=shuffle_buffer,

@@ -48,22 +48,6 @@ def _folder_rows(source: data.FolderSource) -> list[tuple[str, bytes, int]]:
             for n, label in zip(source.names, source.labels)]
 
 
-@pytest.fixture
-def counted_reads(monkeypatch):
-    """Records read through `records.read_file` (every read of a record file by a source)."""
-    reads = []
-    original = records_module.read_file
-
-    def counting(*args):
-        def tick():
-            reads.append(1)
-            return np.int64(0)
-
-        return original(*args).map(lambda record: (tf.py_function(tick, [], tf.int64), record)[1])
-
-    monkeypatch.setattr(records_module, "read_file", counting)
-    return reads
-
 
 # -- the converter -----------------------------------------------------------------------------
 
