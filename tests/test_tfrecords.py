@@ -315,5 +315,11 @@ def test_a_sample_of_class_sorted_records_comes_from_all_over_the_set(tmp_path, 
     counted_reads.clear()
     assert len(list(source.sample(100, seed=3).encoded())) == 100  # 4 from each of 25 segments
     assert len(counted_reads) == 100
+    sevens = data.RecordSource.from_tfrecords(pattern, cache_mb=0, segment_records=7)  # 9 of 7 and 1 of 1 a file
+    assert sorted(set(sevens.segments[:, 2])) == [1, 7]
+    for seed in range(4):  # 3 from each segment, a 1-record one counted as 1: still 100 drawn
+        counted_reads.clear()
+        assert len(list(sevens.sample(100, seed=seed).encoded())) == 100
+        assert 100 <= len(counted_reads) <= 100 + 2, seed  # the last segment opened may be read past the 100th
     whole = data.RecordSource.from_tfrecords(pattern, cache_mb=0, segment_records=None)  # files, not segments
     assert len([1 for _ in whole.sample(32, seed=1).encoded()]) == 32

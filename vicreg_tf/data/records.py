@@ -327,24 +327,26 @@ class RecordSource(_Source):
     def records(self) -> tf.data.Dataset:
         """(encoded bytes, int32 label) of every file, in the stored order (a `sample`: its records)."""
         if self._sample_seed is not None:
-            # The first segments of a seeded order, `per` records from each: a segment is read no
-            # further than its share, so the sample reads `_limit` records (at most `per` - 1 more).
+            # Segments in a seeded order, at most `per` records from each, and only the first ones whose
+            # records reach `_limit` (a segment shorter than `per` counts as its length; a whole file of
+            # unknown count as `per`): the interleave reads ahead in every segment it opens, so none
+            # is opened that the sample does not read. Reads `_limit` records (at most `per` - 1 more).
             per = -(-self._limit // len(self.segments))
             rows = self.segments.copy()
             rows[:, 2] = np.where(rows[:, 2] < 0, per, np.minimum(rows[:, 2], per))
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(len(rows), dtype=tf.int64), seed=tf.constant([self._sample_seed, -4], tf.int64))
-            needed = -(-self._limit // per)  # no more segments opened than read: interleave reads ahead
-            records = self._read_segments(tf.gather(tf.constant(rows), order[:needed]), needed)
-            return records.take(self._limit)
+            rows = rows[order.numpy()]
+            needed = min(len(rows), int(np.searchsorted(np.cumsum(rows[:, 2]), self._limit)) + 1)
+            return self._read_segments(tf.constant(rows[:needed]), needed).take(self._limit)
         records = self._read(tf.constant(self.files), tf.constant(self._skip_take), len(self.files))
         return records.take(self._limit) if self._limit else records
 
     def sample(self, n: int, seed: int = 0) -> "RecordSource":
-        """At most `n` records from all over the set (`n` = 0: all): the first `n` of its segments read
-        CYCLE_LENGTH at a time in an order drawn by `seed` (files, when none is split), ceil(n /
-        segments) records from each, so a class-sorted set's sample is not its first classes. Reads
-        `n` records (fewer than ceil(n / segments) more), the same ones every time."""
+        """At most `n` records from all over the set (`n` = 0: all): up to ceil(n / segments) records from
+        each of the first segments (files, when none is split) of an order drawn by `seed`, read
+        CYCLE_LENGTH at a time, so a class-sorted set's sample is not its first classes. Reads `n`
+        records (fewer than ceil(n / segments) more), the same ones every time."""
         if not n or n >= self.count:
             return self
         clone = self.limited(n)
